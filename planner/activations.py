@@ -1,0 +1,117 @@
+"""Analytical activation memory: the bytes the forward pass keeps alive for backward.
+
+Two implementations are modelled:
+- ``megatron``: Megatron-LM's fused kernels, Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models", section 4, Table 2), generalised to GQA and any MLP
+  width by keeping each term's tensor;
+- ``huggingface``: what transformers' PyTorch modules save, term by term, derived from and tested
+  against the exact FakeTensor trace (``planner.trace``; tests/planner/test_activations.py).
+
+Symbols (paper's): s sequence, b micro-batch, h hidden, a heads, t tensor degree, f MLP width,
+V vocabulary. All results are bytes per rank for one micro-batch unless named otherwise.
+"""
+
+from __future__ import annotations
+
+from planner.activations_hf import hf_head_bytes, hf_layer_bytes, hf_embedding_bytes
+from planner.model import ModelSpec
+from planner.params import layers_per_stage
+from planner.training import ParallelPlan, TrainingSpec
+from planner.units import DTYPE_BYTES
+
+
+def activation_dtype_bytes(training: TrainingSpec) -> int:
+    """Activations are kept in the compute dtype; fp8 training (Transformer Engine) keeps bf16
+    copies for backward in the general case, so it is counted as bf16."""
+    return 4 if training.precision == "fp32" else 2
+
+
+def megatron_layer_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """One transformer layer, Korthikanti et al. 2022 section 4.1 and Table 2.
+
+    With q = a*d = h, kv = h and f = 4h this is sbh(34 + 5as/h) without parallelism,
+    sbh(10 + 24/t + 5as/(ht)) with tensor parallelism and sbh(34 + 5as/h)/t with sequence
+    parallelism; selective recompute drops the 5as^2b attention-core term."""
+    s = training.seq_len // plan.cp
+    b, h, t = plan.micro_batch, m.hidden_size, plan.tp
+    e = activation_dtype_bytes(training)  # paper: 2 bytes (16-bit)
+    q, kv, f = m.q_width, m.kv_width, m.ffn_hidden_size
+    sb = s * b
+    # Not split by tensor parallelism unless sequence parallel: two layernorm inputs (2 x 2sbh),
+    # the QKV and MLP-in matmul inputs (2 x 2sbh), two 1-byte dropout masks (2 x sbh).
+    replicated = sb * (2 * e * h + 2 * e * h + 2 * h)
+    # Split by t: Q, K, V (2sb each), attention output (2sbh), GeLU input and second matmul input (2sbf each).
+    split = sb * e * (2 * q + 2 * kv + 2 * f) / t
+    # Attention core, eager: softmax output 2as^2b, its 1-byte dropout mask as^2b, dropout output 2as^2b.
+    if training.attention == "eager" and plan.recompute != "selective":
+        split += (2 * e + 1) * m.num_heads * s * s * b / t
+    else:
+        # Flash attention keeps only the fp32 log-sum-exp per row (Dao et al. 2022, Algorithm 2).
+        split += 4 * m.num_heads * s * b / t
+    if plan.sp:
+        replicated /= t
+    return replicated + split
+
+
+def megatron_embedding_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Embedding dropout mask, sbh bytes (Korthikanti et al. 2022 section 4.3); /t under SP."""
+    s = training.seq_len // plan.cp
+    mask = s * plan.micro_batch * m.hidden_size
+    return mask / plan.tp if plan.sp else mask
+
+
+def megatron_head_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Final layernorm input 2sbh (/t under SP), output-projection input 2sbh, and the fp32 logits
+    the cross entropy keeps, 4sbV/t: 4sbh/t(1 + V/h) with SP (Korthikanti et al. 2022, section 4.3)."""
+    s = training.seq_len // plan.cp
+    sbh = s * plan.micro_batch * m.hidden_size
+    norm = 2 * sbh / (plan.tp if plan.sp else 1)
+    return norm + 2 * sbh / (plan.tp if plan.sp else 1) + 4 * s * plan.micro_batch * m.vocab_size / plan.tp
+
+
+def layer_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Bytes one layer keeps for one micro-batch, before recomputation."""
+    if m.implementation == "megatron":
+        return megatron_layer_bytes(m, training, plan)
+    return hf_layer_bytes(m, training, plan)
+
+
+def layer_input_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Full recompute keeps only each layer's input, 2sbh (/t under SP) (Korthikanti et al. 2022, Table 2)."""
+    s = training.seq_len // plan.cp
+    sbh = s * plan.micro_batch * m.hidden_size * activation_dtype_bytes(training)
+    return sbh / plan.tp if plan.sp else sbh
+
+
+def in_flight_micro_batches(plan: ParallelPlan, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at the 1F1B peak: min(pp - stage, m)
+    (DeepSpeed ``TrainSchedule.num_pipe_buffers``; Narayanan et al. 2021 section 2.2.1). Interleaving
+    with v virtual stages multiplies the first stage's by 1 + (p - 1)/(p v) (Korthikanti et al. 2022,
+    section 4.2.3)."""
+    if plan.pp == 1:
+        return 1.0
+    n = min(plan.pp - stage, plan.grad_accum)
+    if plan.interleave > 1 and stage == 0:
+        return n * (1 + (plan.pp - 1) / (plan.pp * plan.interleave))
+    return float(n)
+
+
+def stage_activation_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> int:
+    """Peak activation bytes of a rank in pipeline stage ``stage``."""
+    n_layers = layers_per_stage(m.num_layers, plan.pp)[stage]
+    per_layer = layer_bytes(m, training, plan)
+    if plan.recompute == "full":
+        # Checkpointed layer inputs for every layer, plus one layer's activations rebuilt in backward.
+        kept = layer_input_bytes(m, training, plan) * n_layers * in_flight_micro_batches(plan, stage)
+        total = kept + per_layer
+    else:
+        total = per_layer * n_layers * in_flight_micro_batches(plan, stage)
+    if m.implementation == "megatron":
+        embed, head = megatron_embedding_bytes, megatron_head_bytes
+    else:
+        embed, head = hf_embedding_bytes, hf_head_bytes
+    if stage == 0:
+        total += embed(m, training, plan) * in_flight_micro_batches(plan, stage)
+    if stage == plan.pp - 1:
+        total += head(m, training, plan)
+    return int(total)

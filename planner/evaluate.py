@@ -1,0 +1,135 @@
+"""Evaluate one ParallelPlan: the memory of the most loaded rank and whether it fits."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from planner.activations import stage_activation_bytes
+from planner.hardware import ClusterSpec
+from planner.model import ModelSpec
+from planner.model_states import ShardShape, StateBytes, state_bytes
+from planner.partition import partition_span
+from planner.overheads import Overheads, overhead_bytes, process_groups
+from planner.params import layers_per_stage, stage_params, stage_tensor_sizes
+from planner.training import ParallelPlan, TrainingSpec
+from planner.zero_buffers import ZeroBuffers
+
+
+class MemoryBreakdown(BaseModel):
+    """Bytes one rank holds at its peak, by component."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def as_dict(self) -> dict[str, int]:
+        return {**self.model_dump(), "total": self.total}
+
+
+class PlanMemory(BaseModel):
+    """The evaluation of one plan."""
+
+    model_config = ConfigDict(frozen=True)
+
+    plan: ParallelPlan
+    memory: MemoryBreakdown
+    stage: int  # pipeline stage of the most loaded rank
+    params_on_rank: int
+    host_bytes_per_node: int
+    gpu_memory_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.gpu_memory_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu_memory_bytes - self.memory.total
+
+
+def rank_states(
+    model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, buffers: ZeroBuffers | None
+) -> tuple[StateBytes, int]:
+    """Model states of a rank in ``stage``: dense parameters shard over dp, expert parameters over
+    the expert-data-parallel group dp/ep (DeepSpeed MoE, ``expert_data_parallel_group``)."""
+    sp = stage_params(model, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
+    states = state_bytes(_shape(model, plan, stage, expert=False), training=training, plan=plan, buffers=buffers)
+    if sp.expert:
+        expert_shape = _shape(model, plan, stage, expert=True)
+        states += state_bytes(expert_shape, training=training, plan=plan, buffers=buffers)
+    return states, sp.total
+
+
+def _shape(model: ModelSpec, plan: ParallelPlan, stage: int, *, expert: bool) -> ShardShape:
+    """Dense parameters shard over dp; expert parameters (E/ep experts per rank) over dp/ep."""
+    sizes = stage_tensor_sizes(model, tp=plan.tp, pp=plan.pp, stage=stage, expert=expert, ep=plan.ep)
+    n = plan.dp // plan.ep if expert else plan.dp
+    span = partition_span(sizes, n) if plan.zero_stage in (1, 2) else 0
+    return ShardShape(psi=sum(sizes), n=n, largest=max(sizes, default=0), partition_span=span)
+
+
+def evaluate(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    *,
+    overheads: Overheads | None = None,
+    buffers: ZeroBuffers | None = None,
+    activation_bytes_override: dict[int, int] | None = None,
+) -> PlanMemory:
+    """Memory of the most loaded rank over all pipeline stages.
+
+    ``activation_bytes_override`` maps stage -> activation bytes measured by the trace."""
+    overheads = overheads or Overheads()
+    buffers = buffers if buffers is not None else ZeroBuffers()
+    groups = process_groups(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep)
+    best: PlanMemory | None = None
+    for stage in _candidate_stages(model.num_layers, plan.pp):
+        states, n_params = rank_states(model, training, plan, stage, buffers)
+        if activation_bytes_override is not None:
+            acts = activation_bytes_override[stage]
+        else:
+            acts = stage_activation_bytes(model, training, plan, stage)
+        # The optimizer step adds fp32 gradient copies after the activations are freed: the peak is
+        # the larger of the backward peak and the step peak; the excess is shown under gradients.
+        step_excess = max(0, states.step_extra - acts)
+        allocated = states.parameters + states.gradients + step_excess + states.optimizer + acts
+        mem = MemoryBreakdown(
+            parameters=states.parameters,
+            gradients=states.gradients + step_excess,
+            optimizer=states.optimizer,
+            activations=acts,
+            overhead=overhead_bytes(
+                overheads, allocated_bytes=allocated, num_groups=groups, is_gpu=cluster.gpu.name != "cpu"
+            ),
+        )
+        result = PlanMemory(
+            plan=plan,
+            memory=mem,
+            stage=stage,
+            params_on_rank=n_params,
+            host_bytes_per_node=states.host * cluster.gpus_per_node,
+            gpu_memory_bytes=cluster.gpu.memory_bytes,
+        )
+        if best is None or mem.total > best.memory.total:
+            best = result
+    assert best is not None
+    return best
+
+
+def _candidate_stages(num_layers: int, pp: int) -> list[int]:
+    """Stages that can be the most loaded: the first (embedding, most micro-batches in flight), the
+    last (output layer, logits), and the earliest stage of each layer count under an uneven split
+    (earlier stages hold more micro-batches in flight, so the earliest of equals dominates)."""
+    counts = layers_per_stage(num_layers, pp)
+    first_of_count = {c: counts.index(c) for c in set(counts)}
+    return sorted({0, pp - 1, *first_of_count.values()})

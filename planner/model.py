@@ -1,0 +1,88 @@
+"""ModelSpec: the shape of a decoder-only transformer, as the planner needs it.
+
+One spec describes GPT-2/GPT-3 style models (learned positions, LayerNorm, GELU, biases),
+Llama-style models (RoPE, RMSNorm, SwiGLU, GQA) and sparse mixture-of-experts (Mixtral).
+``hf_config`` keeps the Hugging Face ``config.json`` the spec came from, so the trace can
+build the very same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from planner.errors import PlanInputError
+
+Activation = Literal["gelu", "silu", "relu"]
+Norm = Literal["layernorm", "rmsnorm"]
+Positions = Literal["learned", "rope"]
+# "huggingface": what transformers' PyTorch modules save for backward (what orch launches).
+# "megatron": Megatron-LM's fused kernels, the implementation Korthikanti et al. 2022 analyse.
+Implementation = Literal["huggingface", "megatron"]
+
+
+class ModelSpec(BaseModel):
+    """A decoder-only transformer. Counts are exact numbers of elements, not bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Display name, e.g. 'llama3.1-70b'.")
+    family: str = Field(description="Hugging Face model_type, e.g. 'llama', 'gpt2', 'mixtral'.")
+    num_layers: int = Field(gt=0, description="Transformer blocks, L.")
+    hidden_size: int = Field(gt=0, description="Model width h.")
+    num_heads: int = Field(gt=0, description="Query heads a.")
+    num_kv_heads: int = Field(gt=0, description="Key/value heads (a for MHA, 1 for MQA, between for GQA).")
+    head_dim: int = Field(gt=0, description="Per-head width d; h/a unless the config sets it.")
+    ffn_hidden_size: int = Field(gt=0, description="MLP inner width f (per expert for MoE).")
+    vocab_size: int = Field(gt=0, description="Vocabulary V (embedding rows, as padded in the config).")
+    max_position_embeddings: int = Field(gt=0, description="Longest sequence, tokens; sizes learned position tables.")
+    activation: Activation = Field(description="MLP non-linearity.")
+    gated_mlp: bool = Field(description="True for SwiGLU/GeGLU (three matrices), False for a two-matrix MLP.")
+    norm: Norm = Field(description="LayerNorm has weight and bias, RMSNorm a weight only.")
+    positions: Positions = Field(description="Learned absolute position table or rotary (no parameters).")
+    qkv_bias: bool = Field(default=False, description="Bias on the q, k, v projections.")
+    out_proj_bias: bool = Field(default=False, description="Bias on the attention output projection.")
+    mlp_bias: bool = Field(default=False, description="Bias on the MLP matrices.")
+    tied_embeddings: bool = Field(default=False, description="lm_head shares the input embedding matrix.")
+    num_experts: int = Field(default=0, ge=0, description="Routed experts per MoE layer; 0 for a dense model.")
+    experts_per_token: int = Field(default=0, ge=0, description="Top-k experts each token is routed to.")
+    implementation: Implementation = Field(
+        default="huggingface", description="Whose kernels define the saved activations."
+    )
+    hf_config: dict[str, Any] | None = Field(
+        default=None, description="The Hugging Face config.json this spec was read from; used by the trace."
+    )
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelSpec:
+        if self.num_heads % self.num_kv_heads:
+            raise PlanInputError(
+                f"model '{self.name}': num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}",
+                "use a key/value head count that divides the query head count",
+            )
+        if self.head_dim * self.num_heads != self.hidden_size and self.family in {"gpt2", "megatron-gpt"}:
+            raise PlanInputError(
+                f"model '{self.name}': num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}",
+                "choose hidden_size a multiple of num_heads",
+            )
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise PlanInputError(
+                f"model '{self.name}': experts_per_token={self.experts_per_token} with num_experts={self.num_experts}",
+                "set experts_per_token between 1 and num_experts",
+            )
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query projection, a*d."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of each of the key and value projections, k*d."""
+        return self.num_kv_heads * self.head_dim

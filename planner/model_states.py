@@ -1,0 +1,158 @@
+"""Model states (parameters, gradients, optimizer states) as DeepSpeed 0.19 allocates them.
+
+Symbols follow the ZeRO paper (Rajbhandari et al. 2020, section 3): Psi parameters on the rank
+(after tensor/pipeline/expert splitting), N_d the ZeRO (data-parallel) group, K optimizer bytes
+per parameter. With DeepSpeed-specific buffers switched off, stages 1/2/3 reduce to the paper's
+(2 + 2 + K/N_d)Psi, (2 + (2 + K)/N_d)Psi and (2 + 2 + K)Psi/N_d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.training import Optimizer, ParallelPlan, TrainingSpec
+from planner.units import DTYPE_BYTES
+from planner.zero_buffers import ZeroBuffers
+
+# Optimizer state bytes per trainable parameter, excluding the fp32 master copy.
+# adam/adamw: exp_avg + exp_avg_sq in fp32 (torch.optim.AdamW; DeepSpeed FusedAdam/CPUAdam alike).
+# sgd-momentum: one fp32 momentum buffer; lion: one fp32 momentum (Chen et al. 2023, Algorithm 2).
+# adamw-8bit: two 8-bit states + one fp32 absmax per 2048-element block each (bitsandbytes
+# Optimizer8bit, block-wise quantisation, Dettmers et al. 2022).
+# adafactor: factored second moment, rows + columns per matrix (Shazeer & Stern 2018): counted per
+# tensor shape by the caller through ``adafactor_state_elements``; here 0 per element.
+OPTIMIZER_STATE_BYTES: dict[Optimizer, float] = {
+    "adamw": 8.0,
+    "adam": 8.0,
+    "sgd": 0.0,
+    "sgd-momentum": 4.0,
+    "lion": 4.0,
+    "adamw-8bit": 2.0 + 2 * 4 / 2048,
+    "adafactor": 0.0,
+}
+
+MASTER_BYTES = 4  # fp32 master weights: every ZeRO stage keeps them, even when training in fp32.
+FP32_GRAD_BYTES = 4  # fp32 gradient partition the optimizers build for the step.
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Model-state bytes of one rank on the GPU at the backward peak, the extra gradient bytes the
+    optimizer step adds when activations are gone, and what offload puts in host memory."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    step_extra: int = 0
+    host: int = 0
+
+    def __add__(self, other: StateBytes) -> StateBytes:
+        return StateBytes(
+            self.parameters + other.parameters,
+            self.gradients + other.gradients,
+            self.optimizer + other.optimizer,
+            self.step_extra + other.step_extra,
+            self.host + other.host,
+        )
+
+
+@dataclass(frozen=True)
+class ShardShape:
+    """What ZeRO needs to know of the parameters it shards."""
+
+    psi: int  # parameters on the rank before ZeRO (after tensor/pipeline/expert splitting)
+    n: int  # ZeRO group size (data-parallel ranks sharing these parameters)
+    largest: int  # largest single parameter tensor, elements
+    partition_span: int  # elements of the whole parameters overlapping the fullest partition (P_in)
+
+
+def padded(psi: int, n: int) -> int:
+    """Stage 1/2 flatten and pad to a multiple of 2N elements (nccl_start_alignment_factor = 2,
+    deepspeed/runtime/zero/stage_1_and_2.py)."""
+    align = 2 * n
+    return -(-psi // align) * align
+
+
+def state_bytes(
+    shape: ShardShape,
+    *,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    buffers: ZeroBuffers | None,
+) -> StateBytes:
+    """Model-state bytes of one rank, as DeepSpeed 0.19 allocates them (file references are to
+    deepspeed/runtime/; each was measured exactly on 2 CPU ranks, see tests/planner/test_model_states.py).
+
+    ``buffers=None`` gives the ZeRO paper's idealised count: no buckets, no padding, no step-time
+    copies, no gathered working set."""
+    psi, n = shape.psi, shape.n
+    mixed = training.precision != "fp32"
+    b = DTYPE_BYTES["bf16"] if mixed else DTYPE_BYTES["fp32"]  # model (and gradient) dtype
+    k = OPTIMIZER_STATE_BYTES[training.optimizer]
+    z = plan.zero_stage
+    ideal = buffers is None
+    if z == 0:
+        return _stage0(psi, b, k, mixed, ideal)
+    psi_p = psi if ideal else padded(psi, n)
+    part = -(-psi_p // n)
+    opt = int((MASTER_BYTES + k) * part)
+    bucket = 0 if ideal else b * min(buffers.reduce_bucket_size, psi) * (2 if buffers.overlap_comm and z < 3 else 1)
+    span = part if ideal else shape.partition_span
+    step_fp32 = 0 if ideal else (b + FP32_GRAD_BYTES) * part  # flat 16-bit partition, then its fp32 copy
+    if z == 1:
+        # Every full 16-bit gradient stays until the reduce after backward (engine.py reduce_gradients),
+        # then the bucket and the partition buffer (stage_1_and_2.py grads_in_partition).
+        state = StateBytes(b * psi_p, b * psi + bucket + (0 if ideal else b * span), opt, step_fp32)
+    elif z == 2:
+        state = StateBytes(b * psi_p, bucket + b * span, opt, step_fp32)
+    else:
+        state = _stage3(shape, b, k, part, buffers, ideal)
+    if plan.offload != "none":
+        state = _offload(state, shape, b, k, part, plan, buffers)
+    return state
+
+
+def _stage0(psi: int, b: int, k: float, mixed: bool, ideal: bool) -> StateBytes:
+    """No ZeRO. Mixed precision with torch AdamW goes through FP16_UnfusedOptimizer
+    (fp16/unfused_optimizer.py): 16-bit params and grads, fp32 master, moments, and fp32 copies of
+    all gradients during the step. fp32 training has no wrapper: params, grads, moments."""
+    if not mixed:
+        return StateBytes(4 * psi, 4 * psi, int(k * psi))
+    return StateBytes(b * psi, b * psi, int((MASTER_BYTES + k) * psi), 0 if ideal else FP32_GRAD_BYTES * psi)
+
+
+def _stage3(shape: ShardShape, b: int, k: float, part: int, buffers: ZeroBuffers | None, ideal: bool) -> StateBytes:
+    """Stage 3 (zero/stage3.py): per-parameter padded partitions of params and gradients, fp32
+    master and moments, a reduce bucket allocated at init and kept; gathered parameters stay alive
+    while their reuse distance is under stage3_max_reuse_distance (partitioned_param_coordinator.py),
+    which keeps about the last max_reuse_distance/2 elements of the forward gathered until their
+    backward, plus the prefetch bucket; the step converts one sub-group at a time to fp32."""
+    opt = int((MASTER_BYTES + k) * part)
+    if ideal:
+        return StateBytes(b * part, b * part, opt)
+    assert buffers is not None
+    psi = shape.psi
+    gathered = min(psi, buffers.stage3_max_reuse_distance // 2 + buffers.stage3_prefetch_bucket_size)
+    bucket = b * min(buffers.reduce_bucket_size, psi)
+    sub_group = min(buffers.sub_group_size, part)
+    return StateBytes(b * part + b * gathered, b * part + bucket, opt, (b + FP32_GRAD_BYTES) * sub_group)
+
+
+def _offload(state: StateBytes, shape: ShardShape, b: int, k: float, part: int, plan: ParallelPlan, buffers: ZeroBuffers | None) -> StateBytes:
+    """ZeRO-Offload (offload_optimizer: cpu): master weights, moments and the fp32 gradient move to
+    pinned host memory, with a 16-bit staging copy of the partition; stage 1/2 keep a temporary
+    gradient buffer of the largest parameter on the GPU instead of the partition buffer
+    (stage_1_and_2.py temp_grad_buffer_for_gpu_offload); stage 3 moves its gradient partition to
+    the host too. offload_param (stage 3) moves the parameter partition as well."""
+    host = state.optimizer + FP32_GRAD_BYTES * part + b * part
+    if plan.zero_stage < 3:
+        span = part if buffers is None else shape.partition_span
+        grads = state.gradients - b * span + b * shape.largest
+        host += b * shape.largest
+    else:
+        grads = state.gradients - b * part
+    params = state.parameters
+    if plan.offload == "optimizer+params":
+        params -= b * part
+        host += b * part
+    return StateBytes(params, grads, 0, 0, host)

@@ -1,0 +1,566 @@
+"""Exact activation memory of a Hugging Face causal LM, measured without a GPU.
+
+This is the only module of ``planner`` that imports torch / transformers, and it
+does so lazily inside functions: ``import planner.trace`` stays cheap.
+
+Method (see /work/shared/ENVIRONMENT.md, "Exact activation memory without a GPU")
+---------------------------------------------------------------------------------
+1. ``torch.set_default_dtype(dtype)`` and build the model from its config dict
+   inside ``FakeTensorMode``: every tensor is a fake CPU tensor (shape, dtype,
+   strides and a fake storage, no data), so a 405B model costs no memory.
+2. Run one *training* forward (``model.train()``, ``use_cache=False``, fake
+   int64 ``input_ids`` and ``labels``, no ``attention_mask``) inside
+   ``torch.autograd.graph.saved_tensors_hooks``.  The pack hook sees every
+   tensor autograd keeps for backward.
+3. Count unique storages (key ``untyped_storage()._cdata``, size
+   ``untyped_storage().nbytes()``): views of one buffer are counted once, and a
+   saved view keeps its *whole* storage alive, exactly as on a real device.
+   Parameter storages are excluded (they are model state, not activations).
+   Buffers (e.g. rotary ``inv_freq``) are never saved: they do not require
+   grad and the rotary ``cos``/``sin`` are computed under ``no_grad``-like
+   conditions from them; the ``cos``/``sin`` tensors themselves ARE saved (by the
+   ``q*cos``/``k*sin`` multiplies) and are counted once per model because all
+   layers share the same storages.
+
+Two passes are run on the same fake model:
+
+* ``cpu``: exactly what a real CPU run saves (byte-for-byte equal to a real
+  run keyed by ``data_ptr()``, see tests).  ``cpu_trace_bytes``.
+* ``gpu``: the same forward with CUDA semantics emulated where the CPU kernels
+  save something different; ``total_bytes``.  ``gpu_correction_bytes`` is
+  ``cpu_trace_bytes - total_bytes`` (signed: CUDA keeps *more* for LayerNorm).
+
+CPU vs CUDA differences that the ``gpu`` pass emulates
+-----------------------------------------------------
+* Attention ("flash"): a CUDA flash kernel (torch SDPA flash / FlashAttention-2)
+  saves q, k, v (un-repeated GQA heads, whatever storage they view), the output
+  ``o`` (layout [b, s, a, d], which is the very storage ``o_proj`` saves as its
+  input), and ``logsumexp`` fp32 [b, a, s].  Causal / sliding-window masking and
+  dropout happen in-kernel: no mask, no repeated K/V, no probabilities, no
+  dropout mask.  The dropout RNG state is a pair of int64 *CPU* scalars in torch
+  SDPA (0 GPU bytes); the flash-attn package keeps a 16-byte CUDA tensor per
+  layer instead (not counted).  For fp32 no flash kernel exists: torch uses the
+  memory-efficient kernel whose logsumexp is [b, a, ceil(s/32)*32] fp32.
+  head_dim not a multiple of 8 is padded by both kernels (padded copies saved).
+  What the CPU SDPA path saves instead (torch 2.13, transformers 5):
+    - no mask, no dropout: ``_scaled_dot_product_flash_attention_for_cpu``
+      saves the same q, k, v (GQA natively via ``enable_gqa``), o, lse: zero
+      correction.
+    - with an attention mask (transformers materialises one for padding,
+      packing, sliding windows shorter than the sequence, and *always* under
+      FakeTensorMode, see ``_assume_unpacked``): the boolean [b|1, 1, s, s] mask
+      is converted to a float mask of the query dtype inside every SDPA call and
+      saved per layer (s*s*elt bytes per layer, quadratic in s), and
+      transformers repeats K/V to all query heads (``repeat_kv``) because GQA +
+      mask is not supported: k and v are saved as [b, a, s, d].
+    - with dropout > 0: the CPU falls back to the math kernel, computed in fp32
+      even for bf16: it saves fp32 q, k^T, v, softmax probabilities
+      [b, a, s, s], the dropout noise [b, a, s, s] and the dropped
+      probabilities; all of it quadratic in s.
+* Dropout (``F.dropout``): CUDA uses ``native_dropout`` which saves a *bool*
+  mask (1 byte/element); the CPU saves the scaled noise in the input dtype
+  (2 or 4 bytes/element).
+* LayerNorm (``F.layer_norm``): CUDA saves mean/rstd in fp32 (accumulate type);
+  the CPU saves them in the input dtype (bf16/fp16).  4*b*s bytes more per
+  LayerNorm on CUDA for half types.  (RMSNorm in transformers is Python code:
+  identical on both.)
+Everything else (matmuls, activations, softmax, log_softmax/nll_loss,
+embedding, MoE grouped_mm) saves the same tensors on both devices.
+
+Not included: parameters, gradients, optimizer state, transient workspace
+(e.g. the fp32 upcast of the logits before log_softmax, cuBLAS workspaces),
+and the CUDA caching allocator's rounding (each block is rounded up to 512 B).
+Mixed precision is assumed to be "params in ``dtype``" (DeepSpeed bf16 / FSDP
+param_dtype); torch autocast with fp32 master weights would additionally save
+the low-precision weight copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+AttentionKind = Literal["flash", "eager"]
+DTypeName = Literal["bf16", "fp16", "fp32"]
+
+_DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Name under which the GPU flash emulator is registered in transformers' AttentionInterface.
+_GPU_FLASH_IMPL = "orch_gpu_fused_attention"  # must not contain "flash": transformers treats those names as FA kernels
+# torch.set_default_dtype is process-global: serialise traces.
+_LOCK = threading.Lock()
+# Recorder of the running trace (under _LOCK), so the registered attention function can label saves.
+_ACTIVE: list["_Recorder"] = []
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One unique storage kept for backward."""
+
+    layer: int | None  # decoder layer that produced it; None: produced outside the layers
+    scope: str  # module that saved it first, layer index as '*' ("layers.*.self_attn.q_proj")
+    op: str  # top-level torch function during which autograd saved it ("linear", "mul", ...)
+    producer: str  # module that produced it ("model.rotary_emb", "layers.*.input_layernorm", "<input>")
+    shape: tuple[int, ...]  # shape of the first saved view
+    dtype: str
+    nbytes: int  # size of the whole storage
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """Bytes kept for backward by one training forward of one micro batch."""
+
+    total_bytes: int  # GPU figure (CUDA semantics, see module docstring)
+    cpu_trace_bytes: int  # raw count of the CPU fake trace (== a real CPU run)
+    gpu_correction_bytes: int  # cpu_trace_bytes - total_bytes (negative if CUDA keeps more)
+    num_layers: int  # decoder layers actually traced
+    seq_len: int
+    micro_batch: int
+    attention: str
+    dtype: str
+    layer_bytes: tuple[int, ...] = ()  # GPU figure per decoder layer (producer attribution)
+    model_bytes: int = 0  # GPU figure outside the decoder layers (embedding, norm, logits, loss, rotary)
+    breakdown: tuple[tuple[str, int], ...] = ()  # ("layer|layers.*.mlp.act_fn:silu", bytes), GPU figure
+    tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)  # GPU figure
+    cpu_tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)
+
+
+# --------------------------------------------------------------------------- config / model
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, _DTYPE_NAMES[name])
+
+
+def _make_config(hf_config: dict[str, Any], num_layers_override: int | None = None) -> Any:
+    """AutoConfig from a plain dict (must contain ``model_type``); optionally fewer layers."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**dict(hf_config))
+    cfg.use_cache = False
+    if num_layers_override is not None:
+        if num_layers_override < 1:
+            raise ValueError("num_layers_override must be >= 1")
+        old = int(cfg.num_hidden_layers)  # attribute_map covers n_layer (gpt2), num_layers, ...
+        cfg.num_hidden_layers = num_layers_override
+        # Per-layer lists (layer_types, no_rope_layers, ...) must shrink with the layer count.
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, list) and len(value) == old and old != num_layers_override:
+                setattr(cfg, key, value[:num_layers_override])
+    return cfg
+
+
+def _build_model(cfg: Any, attn_implementation: str, dtype: "torch.dtype") -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+
+
+def count_parameters(hf_config: dict[str, Any]) -> int:
+    """Unique parameters of the causal LM built from ``hf_config`` (tied weights counted once).
+
+    Built on the meta device: no memory, no init cost beyond module construction.
+    """
+    import torch
+
+    cfg = _make_config(hf_config)
+    with torch.device("meta"):
+        model = _build_model(cfg, "eager", torch.float32)
+    # Tied weights are the same Parameter object (parameters() de-duplicates them); de-duplicating on
+    # storage identity as well also catches two Parameters that view one buffer.
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        key = p.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+# --------------------------------------------------------------------------- CUDA emulation
+
+
+def _gpu_flash_attention(
+    query: "torch.Tensor",
+    key: "torch.Tensor",
+    value: "torch.Tensor",
+    dropout_p: float,
+) -> "torch.Tensor":
+    """What a CUDA flash kernel saves and returns.  q: [b, a, s, d]; k, v: [b, k, s, d]
+    (un-repeated).  Returns the output as [b, s, a, dv] contiguous (the kernel's layout)."""
+    import torch
+
+    class _FlashEmulator(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor") -> "torch.Tensor":
+            b, a, s, d = q.shape
+            dv = v.shape[-1]
+            pad = (-d) % 8  # both kernels pad head_dim to a multiple of 8 and save the padded copies
+            if pad:
+                q = q.new_empty(b, a, s, d + pad)
+                k = k.new_empty(*k.shape[:-1], d + pad)
+                v = v.new_empty(*v.shape[:-1], dv + pad)
+            out = q.new_empty(b, s, a, dv + ((-dv) % 8))
+            if q.dtype == torch.float32:
+                # no fp32 flash kernel: memory-efficient kernel, logsumexp padded to a multiple of 32
+                lse = q.new_empty(b, a, -(-s // 32) * 32, dtype=torch.float32)
+            else:
+                lse = q.new_empty(b, a, s, dtype=torch.float32)  # flash: fp32 [b, a, s]
+            # Dropout happens in-kernel; its philox seed/offset are CPU scalars (0 GPU bytes).
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out[..., :dv] if out.shape[-1] != dv else out
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - trace only
+            raise NotImplementedError("flash emulator is for memory tracing only")
+
+    del dropout_p  # in-kernel: no saved tensor depends on it
+    return _FlashEmulator.apply(query, key, value)
+
+
+def _gpu_flash_attention_forward(
+    module: Any,
+    query: "torch.Tensor",
+    key: "torch.Tensor",
+    value: "torch.Tensor",
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple["torch.Tensor", None]:
+    """transformers AttentionInterface function: receives un-repeated K/V, returns [b, s, a, d]."""
+    del module, attention_mask, scaling, kwargs  # masks / windows / scaling are in-kernel
+    for rec in _ACTIVE:
+        rec.op.append("flash_attention")
+    try:
+        return _gpu_flash_attention(query, key, value, dropout), None
+    finally:
+        for rec in _ACTIVE:
+            rec.op.pop()
+
+
+def _gpu_layer_norm(
+    x: "torch.Tensor",
+    normalized_shape: Any,
+    weight: "torch.Tensor | None",
+    bias: "torch.Tensor | None",
+) -> "torch.Tensor":
+    """CUDA native_layer_norm: saves input, weight, bias, mean and rstd in fp32 ([..., 1])."""
+    import torch
+
+    n = len(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else 1
+
+    class _CudaLayerNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, inp: "torch.Tensor", w: Any, b: Any) -> "torch.Tensor":
+            acc = torch.float32 if inp.dtype in (torch.float16, torch.bfloat16) else inp.dtype
+            stat_shape = tuple(inp.shape[: inp.dim() - n]) + (1,) * n
+            mean = inp.new_empty(stat_shape, dtype=acc)
+            rstd = inp.new_empty(stat_shape, dtype=acc)
+            ctx.save_for_backward(inp, w, b, mean, rstd)
+            return inp.new_empty(inp.shape)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - trace only
+            raise NotImplementedError("layer norm emulator is for memory tracing only")
+
+    return _CudaLayerNorm.apply(x, weight, bias)
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+def _fn_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    return name.strip("_") or name
+
+
+class _Recorder:
+    """Collects saved storages with the op and module that saved / produced them."""
+
+    def __init__(self, layer_prefix: str | None, param_keys: set[int]) -> None:
+        self.layer_prefix = layer_prefix
+        self.param_keys = param_keys
+        self.stack: list[str] = [""]  # current module path
+        self.op: list[str] = ["?"]  # current top-level torch function
+        self.producer: dict[int, str] = {}  # storage key -> producing module path
+        self.keep: list[Any] = []  # keeps produced storages alive so their keys are never reused
+        # storage key -> (producer path, saver path, op, shape, dtype, nbytes)
+        self.saved: dict[int, tuple[str, str, str, tuple[int, ...], Any, int]] = {}
+
+    # saved_tensors_hooks -------------------------------------------------
+    def pack(self, t: "torch.Tensor") -> "torch.Tensor":
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self.saved and key not in self.param_keys:
+            # Unknown producer: created inside the op that is saving it (an output, or an internal
+            # copy such as matmul's reshape of a non-contiguous operand) -> current module.
+            producer = self.producer.get(key, self.stack[-1])
+            self.saved[key] = (producer, self.stack[-1], self.op[-1], tuple(t.shape), t.dtype, st.nbytes())
+        return t
+
+    @staticmethod
+    def unpack(t: "torch.Tensor") -> "torch.Tensor":
+        return t
+
+    # results ---------------------------------------------------------------
+    def split_scope(self, path: str) -> tuple[int | None, str]:
+        """("model.layers.3.mlp.up_proj") -> (3, "layers.*.mlp.up_proj")."""
+        if self.layer_prefix and path.startswith(self.layer_prefix + "."):
+            idx, _, rel = path[len(self.layer_prefix) + 1 :].partition(".")
+            if idx.isdigit():
+                return int(idx), "layers.*" + ("." + rel if rel else "")
+        return None, path or "<model>"
+
+    def tensors(self) -> tuple[SavedTensor, ...]:
+        out = []
+        for producer, saver, op, shape, dtype, nbytes in self.saved.values():
+            layer, prod = self.split_scope(producer)
+            _, scope = self.split_scope(saver)
+            dt = str(dtype).replace("torch.", "")
+            out.append(SavedTensor(layer, scope, op, prod, shape, dt, nbytes))
+        return tuple(out)
+
+
+def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class _Mode(TorchFunctionMode):
+        """Labels saves with the top-level torch function, records producers, and (``gpu``
+        pass) swaps CPU-specific ops for CUDA-equivalent ones."""
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            rec.op.append(_fn_name(func))
+            try:
+                out = self._call(func, args, kwargs)
+            finally:
+                rec.op.pop()
+            scope = rec.stack[-1]
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st._cdata not in rec.producer:
+                        rec.producer[st._cdata] = scope
+                        rec.keep.append(st)
+            return out
+
+        def _call(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            if emulate_cuda:
+                if func is F.dropout:
+                    return _cuda_dropout(*args, **kwargs)
+                if func is F.layer_norm:
+                    return _cuda_layer_norm(*args, **kwargs)
+                if func is F.scaled_dot_product_attention and attention == "flash":
+                    return _cuda_sdpa(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    def _cuda_dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        # at::dropout on CUDA: native_dropout -> saves a bool mask (CPU: noise in input dtype)
+        if training and 0.0 < p < 1.0:
+            return torch.native_dropout(input, p, True)[0]
+        return F.dropout(input, p, training, inplace)
+
+    def _cuda_layer_norm(
+        input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
+    ) -> Any:
+        return _gpu_layer_norm(input, normalized_shape, weight, bias)
+
+    def _cuda_sdpa(
+        query: Any,
+        key: Any,
+        value: Any,
+        attn_mask: Any = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: Any = None,
+        enable_gqa: bool = False,
+    ) -> Any:
+        # Fallback for models that call SDPA directly: the mask is assumed causal/sliding (in-kernel).
+        out = _gpu_flash_attention(query, key, value, dropout_p)  # [b, s, a, d]
+        return out.transpose(1, 2)  # SDPA returns [b, a, s, d] (a transposed view, as on CUDA)
+
+    return _Mode()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: "torch.dtype") -> Iterator[None]:
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
+def _assume_unpacked() -> Iterator[None]:
+    """Under FakeTensorMode transformers cannot look at ``position_ids`` values, so
+    ``find_packed_sequence_indices`` returns a tensor ("maybe packed") and a full
+    [b, 1, s, s] mask is built, which also disables GQA in SDPA (``repeat_kv``).  A
+    real run on an unpacked, unpadded batch gets ``None`` there, then ``is_causal``
+    SDPA without a mask.  Restore that decision for the trace."""
+    import transformers.masking_utils as mu
+
+    original = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = original
+
+
+def _register_gpu_flash() -> None:
+    from transformers import AttentionInterface
+
+    if _GPU_FLASH_IMPL not in AttentionInterface._global_mapping:
+        # No mask function is registered for it on purpose: transformers then skips mask creation.
+        AttentionInterface.register(_GPU_FLASH_IMPL, _gpu_flash_attention_forward)
+
+
+def _layer_prefix(model: Any, num_layers: int) -> str | None:
+    """Path of the ModuleList holding the decoder layers (``model.layers``, ``transformer.h``, ...)."""
+    import torch
+
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers:
+            if best is None or name.count(".") < best.count("."):
+                best = name
+    return best
+
+
+def _run_pass(
+    model: Any,
+    rec: _Recorder,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    emulate_cuda: bool,
+    attention: str,
+) -> None:
+    import torch
+
+    handles = []
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n)))
+        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
+    try:
+        # input_ids/labels are fake int64 [b, s]; values are irrelevant (all zeros).
+        input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+        labels = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+        for t in (input_ids, labels):
+            rec.producer[t.untyped_storage()._cdata] = "<input>"
+        _ACTIVE.append(rec)
+        with _make_function_mode(rec, emulate_cuda, attention):
+            with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+                model(input_ids=input_ids, labels=labels)
+    finally:
+        _ACTIVE.clear()
+        for h in handles:
+            h.remove()
+
+
+def _breakdown(tensors: tuple[SavedTensor, ...]) -> tuple[tuple[str, int], ...]:
+    agg: dict[str, int] = {}
+    for t in tensors:
+        key = f"{'layer' if t.layer is not None else 'model'}|{t.scope}:{t.op}"
+        agg[key] = agg.get(key, 0) + t.nbytes
+    return tuple(sorted(agg.items(), key=lambda kv: -kv[1]))
+
+
+def trace_activations(
+    hf_config: dict[str, Any],
+    *,
+    seq_len: int,
+    micro_batch: int,
+    attention: AttentionKind = "flash",
+    dtype: DTypeName = "bf16",
+    num_layers_override: int | None = None,
+) -> ActivationTrace:
+    """Trace the bytes one training forward keeps for backward (see module docstring).
+
+    ``attention``: "flash" (model built with SDPA on the CPU pass, CUDA flash kernel on the GPU
+    pass) or "eager" (transformers' eager attention on both).
+    ``num_layers_override``: trace only that many decoder layers.  For models whose layers are
+    all identical (same shapes, same attention / MLP type, e.g. llama, mistral without sliding
+    window, mixtral, qwen2, gpt2), ``total(L) = total(1) + (L - 1) * (total(2) - total(1))``
+    exactly, because every saved storage is either produced inside one layer or shared by all
+    (rotary cos/sin, inputs, logits, loss).  Not exact when layers differ (alternating
+    sliding/full attention with s > window, dense+MoE mixes, per-layer sizes): trace all layers.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if attention not in ("flash", "eager"):
+        raise ValueError(f"attention must be 'flash' or 'eager', got {attention!r}")
+    if seq_len < 1 or micro_batch < 1:
+        raise ValueError("seq_len and micro_batch must be >= 1")
+    tdtype = _torch_dtype(dtype)
+    cfg = _make_config(hf_config, num_layers_override)
+    num_layers = int(cfg.num_hidden_layers)
+    cpu_impl = "sdpa" if attention == "flash" else "eager"
+    if attention == "flash":
+        _register_gpu_flash()
+
+    with _LOCK, _default_dtype(tdtype), _assume_unpacked(), FakeTensorMode():
+        model = _build_model(cfg, cpu_impl, tdtype)
+        model.train()  # dropout as configured in the config
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        prefix = _layer_prefix(model, num_layers)
+
+        cpu = _Recorder(prefix, params)
+        _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
+
+        if attention == "flash" and model._can_set_attn_implementation():
+            model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
+        gpu = _Recorder(prefix, params)
+        _run_pass(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True, attention=attention)
+
+    cpu_tensors, gpu_tensors = cpu.tensors(), gpu.tensors()
+    cpu_bytes = sum(t.nbytes for t in cpu_tensors)
+    gpu_bytes = sum(t.nbytes for t in gpu_tensors)
+    layer_bytes = [0] * num_layers
+    model_bytes = 0
+    for t in gpu_tensors:
+        if t.layer is None:
+            model_bytes += t.nbytes
+        else:
+            layer_bytes[t.layer] += t.nbytes
+    return ActivationTrace(
+        total_bytes=gpu_bytes,
+        cpu_trace_bytes=cpu_bytes,
+        gpu_correction_bytes=cpu_bytes - gpu_bytes,
+        num_layers=num_layers,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        attention=attention,
+        dtype=dtype,
+        layer_bytes=tuple(layer_bytes),
+        model_bytes=model_bytes,
+        breakdown=_breakdown(gpu_tensors),
+        tensors=gpu_tensors,
+        cpu_tensors=cpu_tensors,
+    )
+
+
+def extrapolate_layers(one_layer: ActivationTrace, two_layers: ActivationTrace, num_layers: int) -> int:
+    """``total(L)`` from traces of 1 and 2 layers (exact for identical layers, see trace_activations)."""
+    if (one_layer.num_layers, two_layers.num_layers) != (1, 2):
+        raise ValueError("expected traces of exactly 1 and 2 layers")
+    per_layer = two_layers.total_bytes - one_layer.total_bytes
+    return one_layer.total_bytes + (num_layers - 1) * per_layer

@@ -1,0 +1,114 @@
+"""The CLI contract: JSON shape, exit codes, one-line errors with exit 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def orch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_plan_json_contract():
+    out = orch("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb", "--gpus", "8", "--zero", "3", "--json")
+    assert out.returncode in (0, 1), out.stderr
+    report = json.loads(out.stdout)
+    assert report["model"]["name"] == "llama3.1-70b" and report["model"]["num_params"] == 70_553_706_496
+    assert report["cluster"] == {"name": "8xh100-80gb", "num_gpus": 8, "gpu_memory_bytes": 85_520_809_984}
+    plan = report["plans"][0]
+    for key in ("dp", "tp", "pp", "zero_stage", "micro_batch", "grad_accum", "recompute", "offload", "memory", "fits"):
+        assert key in plan
+    mem = plan["memory"]
+    parts = ("parameters", "gradients", "optimizer", "activations", "overhead")
+    assert mem["total"] == sum(mem[k] for k in parts)
+    assert all(isinstance(mem[k], int) and mem[k] >= 0 for k in parts)
+    assert plan["fits"] == (mem["total"] <= 85_520_809_984)
+    assert out.returncode == (0 if plan["fits"] else 1)
+
+
+def test_nothing_fits_exits_1_and_says_what_would():
+    out = orch("plan", "--model", "llama3.1-405b", "--gpu", "a100-80gb", "--gpus", "8", "--zero", "0")
+    assert out.returncode == 1
+    assert "DOES NOT FIT" in out.stdout and "would fit" in out.stdout
+
+
+def test_plan_fits_exits_0():
+    out = orch("plan", "--model", "debug", "--cluster", "cpu-2", "--seq-len", "128")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "FITS" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model", "nosuchmodel", "--gpu", "h100-80gb"], "neither a preset nor an existing file"),
+        (["--model", "/no/such/config.json", "--gpu", "h100-80gb"], "neither a preset nor an existing file"),
+        (["--model", "llama2-7b", "--gpu", "b900"], "unknown GPU 'b900'"),
+        (["--model", "llama2-7b", "--cluster", "nosuch"], "--cluster 'nosuch'"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "3", "--gpus-per-node", "3", "--tp", "3"], "tp=3 does not divide num_heads"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "8", "--dp", "3"], "dp*tp*pp*cp"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--micro-batch", "0"], "micro_batch"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--seq-len", "abc"], "seq-len"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--seq-len", "-5"], "seq_len"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--zero", "4"], "--zero 4"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "0"], "--gpus=0"),
+        (["--model", "llama2-7b", "--gpu", "v100-32gb", "--precision", "bf16"], "does not support bf16"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "8", "--pp", "2", "--zero", "3"], "pipeline"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, needle):
+    out = orch("plan", *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert needle in lines[0] and "Traceback" not in out.stderr
+    assert "To fix" in lines[0]
+
+
+def test_bad_files(tmp_path):
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text("{not json")
+    out = orch("plan", "--model", str(bad_json), "--gpu", "h100-80gb")
+    assert out.returncode == 2 and "not valid JSON" in out.stderr
+
+    heads = tmp_path / "heads" / "config.json"
+    heads.parent.mkdir()
+    heads.write_text(json.dumps({"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3,
+                                 "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 10}))
+    out = orch("plan", "--model", str(heads), "--gpu", "h100-80gb")
+    assert out.returncode == 2 and "does not divide hidden_size" in out.stderr
+
+    bad_yaml = tmp_path / "c.yaml"
+    bad_yaml.write_text("gpu: [unclosed")
+    out = orch("plan", "--model", "debug", "--cluster", str(bad_yaml))
+    assert out.returncode == 2 and "not valid YAML" in out.stderr
+
+    neg = tmp_path / "neg.yaml"
+    neg.write_text("gpu: h100-80gb\nnum_nodes: -1\ngpus_per_node: 8\nintra_node_GB_per_s: 1\n"
+                   "inter_node_GB_per_s: 1\nintra_node_latency_us: 1\ninter_node_latency_us: 1\nhost_memory_bytes: 1\n")
+    out = orch("plan", "--model", "debug", "--cluster", str(neg))
+    assert out.returncode == 2 and "num_nodes" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_user_config_json(tmp_path):
+    cfg = {"model_type": "mistral", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4,
+           "num_hidden_layers": 4, "intermediate_size": 2816, "vocab_size": 32000}
+    path = tmp_path / "my-model" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(cfg))
+    out = orch("plan", "--model", str(path.parent), "--gpu", "a100-40gb", "--gpus", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model"]["name"] == "my-model"
+
+
+def test_listings():
+    out = orch("models")
+    assert out.returncode == 0 and "llama3.1-405b" in out.stdout and "405.853B" in out.stdout
+    out = orch("clusters")
+    assert out.returncode == 0 and "h100-8x8-ib" in out.stdout and "cpu-2" in out.stdout
