@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -13,7 +15,10 @@ from rich.table import Table
 
 from orchestrator import flags as F
 from orchestrator.inputs import cluster_preset_paths, load_cluster, load_model, pydantic_problem, resolve_cluster
-from orchestrator.render import gib, print_plan, report_json
+from orchestrator.render import (
+    cost_json, gib, print_cost, print_explain, print_header, print_memory, print_rejections, print_speed, print_top,
+    rejections, report_json,
+)
 from planner.errors import PlanInputError
 from planner.params import total_params
 from planner.pinned import Pinned
@@ -39,9 +44,14 @@ def _build(model_cls: type, where: str, **fields: object):  # type: ignore[no-un
         raise pydantic_problem(exc, where) from None
 
 
+class BackendChoice(str, Enum):
+    deepspeed = "deepspeed"
+    megatron = "megatron"
+
+
 @app.command()
 def plan(
-    model: F.ModelOpt,
+    model: F.ModelOpt = None,
     cluster: F.ClusterOpt = None,
     gpu: F.GpuOpt = None,
     gpus: F.GpusOpt = None,
@@ -62,13 +72,20 @@ def plan(
     cp: F.CpOpt = None,
     ep: F.EpOpt = None,
     interleave: F.InterleaveOpt = None,
-    trace: bool = typer.Option(False, "--trace", help="Measure activations with the exact FakeTensor trace."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (the stable contract)."),
+    top: int = typer.Option(5, "--top", min=1, help="Show the K best plans."),
+    explain: bool = typer.Option(False, "--explain", help="Say why the winner beats the runner-up."),
+    backend: BackendChoice = typer.Option(BackendChoice.deepspeed, "--backend", help="deepspeed: what orch launches; megatron: also SP, interleaving, CP (for comparison)."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens: adds time, GPU-hours, cost and energy."),
+    budget_gpu_hours: Optional[float] = typer.Option(None, "--budget-gpu-hours", help="Compute-optimal recipe for this many GPU-hours."),
+    budget_flops: Optional[float] = typer.Option(None, "--budget-flops", help="Compute-optimal recipe for this many training FLOPs."),
+    deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="Write the best plan's DeepSpeed config here."),
+    trace: bool = typer.Option(False, "--trace", help="Measure the best plan's activations with the exact FakeTensor trace."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON (the stable contract)."),
 ) -> None:
-    """Estimate what every GPU holds for a model on a cluster (a dry run: nothing is started)."""
+    """Find the fastest plan that fits a model on a cluster (a dry run: nothing is started)."""
     from orchestrator.planning import run_plan
+    from orchestrator.recipe import run_recipe
 
-    model_spec = load_model(model)
     cluster_spec = resolve_cluster(cluster, gpu, gpus, gpus_per_node)
     training = _build(
         TrainingSpec,
@@ -84,26 +101,60 @@ def plan(
     pinned = _build(
         Pinned,
         "plan flags",
-        dp=dp,
-        tp=tp,
-        pp=pp,
-        cp=cp,
-        ep=ep,
-        sp=sp,
-        interleave=interleave,
-        zero_stage=zero,
-        offload=offload.value if offload else None,
-        micro_batch=micro_batch,
+        dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, sp=sp, interleave=interleave, zero_stage=zero,
+        offload=offload.value if offload else None, micro_batch=micro_batch,
         recompute=recompute.value if recompute else None,
     )
-    result = run_plan(model_spec, cluster_spec, training, pinned, trace=trace)
+    if budget_gpu_hours is not None or budget_flops is not None:
+        code = run_recipe(console, cluster_spec, training, pinned, budget_gpu_hours, budget_flops, backend.value, as_json)
+        raise typer.Exit(code)
+    if model is None:
+        raise PlanInputError("no --model given", "pass --model PRESET|CONFIG.json, or --budget-gpu-hours/--budget-flops")
+    model_spec = load_model(model)
+    result = run_plan(model_spec, cluster_spec, training, pinned, top=top, trace=trace, backend=backend.value, tokens=tokens)
+    if deepspeed_config is not None and result.best is not None:
+        _write_deepspeed_config(deepspeed_config, result.best.plan, training)
     if as_json:
-        print(json.dumps(report_json(model_spec, cluster_spec, [result.best], notes=result.notes)))
+        extra = {"notes": result.notes, "rejected": rejections(result.search)}
+        if result.cost:
+            extra["cost"] = cost_json(result.cost)
+        if not result.top:
+            extra["would_fit"] = result.suggestions
+        print(json.dumps(report_json(model_spec, cluster_spec, result.top, **extra)))
     else:
-        print_plan(console, model_spec, cluster_spec, result.best, result.notes)
+        _print_result(model_spec, cluster_spec, result, explain)
+    raise typer.Exit(EXIT_FITS if result.best is not None else EXIT_NOTHING_FITS)
+
+
+def _print_result(model_spec, cluster_spec, result, explain: bool) -> None:  # type: ignore[no-untyped-def]
+    print_header(console, model_spec, cluster_spec)
+    if result.best is None:
+        console.print("[bold red]NOTHING FITS[/]: no plan of this model fits this cluster.")
+        if result.search.closest is not None:
+            print_memory(console, model_spec, cluster_spec, result.search.closest)
+        print_rejections(console, result.search)
         for line in result.suggestions:
             console.print(f"[bold]would fit:[/] {line}")
-    raise typer.Exit(EXIT_FITS if result.best.fits else EXIT_NOTHING_FITS)
+        return
+    print_memory(console, model_spec, cluster_spec, result.best.memory)
+    print_speed(console, result.best)
+    if result.cost:
+        print_cost(console, result.cost)
+    print_top(console, result.top)
+    print_rejections(console, result.search)
+    if explain:
+        print_explain(console, result.top)
+    for note in result.notes:
+        console.print(f"[dim]note:[/] {note}")
+
+
+def _write_deepspeed_config(path: Path, plan_obj, training: TrainingSpec) -> None:  # type: ignore[no-untyped-def]
+    from launch.deepspeed_config import deepspeed_config
+
+    try:
+        path.write_text(json.dumps(deepspeed_config(plan_obj, training), indent=2) + "\n")
+    except OSError as exc:
+        raise PlanInputError(f"--deepspeed-config {path}: cannot write ({exc.strerror})", "pass a writable path") from None
 
 
 @app.command()

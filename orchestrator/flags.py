@@ -50,7 +50,7 @@ TRAINING = "Training"
 PARALLEL = "Parallel plan (each flag pins that dimension)"
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Preset name ('orch models') or path to a Hugging Face config.json.", rich_help_panel=MODEL)
+    Optional[str], typer.Option("--model", "-m", help="Preset name ('orch models') or path to a Hugging Face config.json.", rich_help_panel=MODEL)
 ]
 ClusterOpt = Annotated[
     Optional[str], typer.Option("--cluster", "-c", help="Cluster preset ('orch clusters') or YAML file.", rich_help_panel=CLUSTER)

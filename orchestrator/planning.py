@@ -1,50 +1,88 @@
-"""Carry out `orch plan`: choose the plan (pinned flags + defaults), evaluate it, gather notes."""
+"""Carry out `orch plan`: search, optionally trace the winner, gather notes and advice."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from planner.advice import suggestions
+from planner.cost import RunCost, run_cost
 from planner.errors import PlanInputError
-from planner.evaluate import PlanMemory, evaluate
+from planner.evaluate import evaluate
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.pinned import Pinned, default_plan
+from planner.search import Backend, Candidate, SearchResult, search
+from planner.speed import step_time
 from planner.training import ParallelPlan, TrainingSpec
 from planner.validate import check_plan
 
 
 @dataclass
 class PlanResult:
-    best: PlanMemory
+    search: SearchResult
+    top: list[Candidate]
     notes: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    cost: RunCost | None = None
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.top[0] if self.top else None
 
 
-def traced_activations(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> dict[int, int]:
-    """Activation bytes per pipeline stage from the exact trace of one rank's model."""
+def traced_candidate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cand: Candidate) -> Candidate:
+    """Re-evaluate a plan with activations from the exact FakeTensor trace of one rank's model."""
+    plan = cand.plan
     if plan.tp > 1 or plan.cp > 1 or plan.recompute != "none":
         raise PlanInputError(
-            "--trace measures an unsplit model without recomputation (tp=1, cp=1, --recompute none)",
-            "drop --tp/--cp/--recompute, or drop --trace to use the analytical model",
+            f"--trace measures an unsplit model without recomputation, but the plan is {plan.describe()}",
+            "pin --tp 1 --recompute none (and no --cp) with --trace, or drop --trace",
         )
     from planner.stage_trace import stage_activations_traced
 
-    return stage_activations_traced(model, training, plan)
+    acts = stage_activations_traced(model, training, plan)
+    memory = evaluate(model, cluster, training, plan, activation_bytes_override=acts)
+    return Candidate(memory, cand.speed)
+
+
+def _check_pinned(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned) -> None:
+    """A fully or partly pinned plan that is invalid gets its own error, not 'nothing fits'."""
+    plan, _ = default_plan(pinned, cluster, training)
+    if pinned.dp is not None or pinned.tp is not None or pinned.pp is not None or pinned.cp is not None:
+        check_plan(model, cluster, training.model_copy(update={"global_batch": 0}), plan)
 
 
 def run_plan(
-    model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned, *, trace: bool = False
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    pinned: Pinned,
+    *,
+    top: int = 5,
+    trace: bool = False,
+    backend: Backend = "deepspeed",
+    tokens: float | None = None,
 ) -> PlanResult:
-    plan, defaulted = default_plan(pinned, cluster, training)
-    check_plan(model, cluster, training, plan)
-    override = traced_activations(model, training, plan) if trace else None
-    best = evaluate(model, cluster, training, plan, activation_bytes_override=override)
-    notes = []
-    if defaulted:
-        notes.append(f"not pinned, so defaulted: {', '.join(defaulted)} (dp fills the cluster, ZeRO 0, micro-batch 1, no recompute)")
-    notes.append("activations: " + ("exact FakeTensor trace" if trace else "analytical model"))
-    result = PlanResult(best=best, notes=notes)
-    if not best.fits:
-        result.suggestions = suggestions(model, cluster, training, plan)
+    _check_pinned(model, cluster, training, pinned)
+    found = search(model, cluster, training, pinned, backend=backend)
+    result = PlanResult(search=found, top=found.ranked[:top])
+    if pinned.given():
+        result.notes.append("pinned: " + ", ".join(f"{k}={v}" for k, v in pinned.given().items()))
+    result.notes.append(f"searched {found.evaluated} plans for the {backend} backend")
+    if not found.ranked:
+        closest = found.closest or evaluate(model, cluster, training, default_plan(pinned, cluster, training)[0])
+        result.suggestions = suggestions(model, cluster, training, closest.plan)
+        return result
+    if trace:
+        result.top[0] = traced_candidate(model, cluster, training, result.top[0])
+        result.notes.append("activations of the best plan: exact FakeTensor trace")
+    else:
+        result.notes.append("activations: analytical model (--trace for the exact trace)")
+    if tokens:
+        result.cost = run_cost(cluster, tokens=tokens, tokens_per_s=result.top[0].speed.tokens_per_s)
     return result
+
+
+def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> Candidate:
+    """One given plan, evaluated (used by the compute-optimal recipe and the launcher)."""
+    return Candidate(evaluate(model, cluster, training, plan), step_time(model, cluster, training, plan))

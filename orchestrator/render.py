@@ -8,10 +8,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from planner.cost import RunCost
 from planner.evaluate import PlanMemory
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.params import total_params
+from planner.search import Candidate, SearchResult
 from planner.units import GiB
 
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")
@@ -19,7 +21,8 @@ COLOURS = {"parameters": "cyan", "gradients": "magenta", "optimizer": "yellow", 
 BAR_WIDTH = 50
 
 
-def plan_json(p: PlanMemory) -> dict[str, Any]:
+def plan_json(c: Candidate) -> dict[str, Any]:
+    p, speed = c.memory, c.speed
     plan = p.plan
     return {
         "dp": plan.dp,
@@ -39,16 +42,32 @@ def plan_json(p: PlanMemory) -> dict[str, Any]:
         "most_loaded_stage": p.stage,
         "params_per_gpu": p.params_on_rank,
         "host_memory_bytes_per_node": p.host_bytes_per_node,
+        "step_time_s": speed.step_time_s,
+        "tokens_per_s": speed.tokens_per_s,
+        "tflops_per_gpu": speed.tflops_per_gpu,
+        "mfu": speed.mfu,
+        "step_time_breakdown_s": speed.components(),
     }
 
 
-def report_json(model: ModelSpec, cluster: ClusterSpec, plans: list[PlanMemory], **extra: Any) -> dict[str, Any]:
+def cost_json(cost: RunCost) -> dict[str, float]:
+    return {
+        "tokens": cost.tokens, "seconds": cost.seconds, "days": cost.days, "gpu_hours": cost.gpu_hours,
+        "cost_usd": cost.cost_usd, "energy_kwh": cost.energy_kwh,
+    }
+
+
+def report_json(model: ModelSpec, cluster: ClusterSpec, plans: list[Candidate], **extra: Any) -> dict[str, Any]:
     return {
         "model": {"name": model.name, "num_params": total_params(model)},
         "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus, "gpu_memory_bytes": cluster.gpu.memory_bytes},
-        "plans": [plan_json(p) for p in plans],
+        "plans": [plan_json(c) for c in plans],
         **extra,
     }
+
+
+def rejections(found: SearchResult) -> dict[str, int]:
+    return {**dict(found.rejected.most_common()), **found.slower_buckets()}
 
 
 def gib(n: float) -> str:
@@ -81,11 +100,14 @@ def plan_table(model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, title: str
     return table
 
 
-def print_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, notes: list[str]) -> None:
+def print_header(console: Console, model: ModelSpec, cluster: ClusterSpec) -> None:
     console.print(
         f"[bold]{model.name}[/] ({total_params(model) / 1e9:,.2f}B parameters) on [bold]{cluster.name}[/]: "
         f"{cluster.num_gpus} x {cluster.gpu.name} ({gib(cluster.gpu.memory_bytes)} each)"
     )
+
+
+def print_memory(console: Console, model: ModelSpec, cluster: ClusterSpec, p: PlanMemory) -> None:
     console.print(f"plan: [bold]{p.plan.describe()}[/]  (most loaded rank: pipeline stage {p.stage})")
     console.print(plan_table(model, cluster, p, "per-GPU memory, most loaded rank"))
     console.print(stacked_bar(p))
@@ -99,5 +121,58 @@ def print_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, p: Plan
         else Text(f"DOES NOT FIT: over by {gib(-p.headroom_bytes)} per GPU", style="bold red")
     )
     console.print(verdict)
-    for note in notes:
-        console.print(f"[dim]note:[/] {note}")
+
+
+def print_speed(console: Console, c: Candidate) -> None:
+    sp = c.speed
+    console.print(
+        f"step {sp.step_time_s:,.3f} s · {sp.tokens_per_s:,.0f} tokens/s · {sp.tflops_per_gpu:,.1f} TFLOP/s per GPU"
+        f" (recompute counted) · MFU {sp.mfu:.1%}"
+    )
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g}s" for k, v in sp.components().items() if v > 0)
+    console.print(f"[dim]step time: {parts}[/]")
+
+
+def print_top(console: Console, top: list[Candidate]) -> None:
+    table = Table(title=f"top {len(top)} plans", title_justify="left")
+    for col in ("#", "plan", "step s", "tokens/s", "MFU", "GiB/GPU"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for i, c in enumerate(top, 1):
+        table.add_row(str(i), c.plan.describe(), f"{c.speed.step_time_s:.3f}", f"{c.speed.tokens_per_s:,.0f}",
+                      f"{c.speed.mfu:.1%}", f"{c.memory.memory.total / GiB:.1f}")
+    console.print(table)
+
+
+def print_rejections(console: Console, found: SearchResult) -> None:
+    rows = rejections(found)
+    if rows:
+        console.print("not chosen: " + "; ".join(f"{n} {reason}" for reason, n in rows.items()))
+
+
+def print_explain(console: Console, top: list[Candidate]) -> None:
+    """Why the winner beats the runner-up, component by component (time and memory)."""
+    if len(top) < 2:
+        console.print("explain: no runner-up to compare with")
+        return
+    win, run = top[0], top[1]
+    table = Table(title=f"why '{win.plan.describe()}' beats '{run.plan.describe()}'", title_justify="left")
+    for col in ("component", "winner", "runner-up", "difference"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for name, a in win.speed.components().items():
+        b = run.speed.components()[name]
+        if a or b:
+            table.add_row(name.replace("_", " "), f"{a:.3f} s", f"{b:.3f} s", f"{b - a:+.3f} s")
+    table.add_row("[bold]step time[/]", f"{win.speed.step_time_s:.3f} s", f"{run.speed.step_time_s:.3f} s",
+                  f"{run.speed.step_time_s - win.speed.step_time_s:+.3f} s")
+    for name in COMPONENTS:
+        a, b = getattr(win.memory.memory, name), getattr(run.memory.memory, name)
+        table.add_row(f"{name} memory", gib(a), gib(b), f"{(b - a) / GiB:+.2f} GiB")
+    console.print(table)
+
+
+def print_cost(console: Console, cost: RunCost) -> None:
+    money = f" · ${cost.cost_usd:,.0f}" if cost.cost_usd else " · (no $/GPU-hour in the cluster config)"
+    console.print(
+        f"{cost.tokens:,.3g} tokens: {cost.days:,.2f} days · {cost.gpu_hours:,.0f} GPU-hours{money}"
+        f" · {cost.energy_kwh / 1000:,.1f} MWh"
+    )

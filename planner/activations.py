@@ -39,13 +39,17 @@ def megatron_layer_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPla
     sb = s * b
     # Not split by tensor parallelism unless sequence parallel: two layernorm inputs (2 x 2sbh),
     # the QKV and MLP-in matmul inputs (2 x 2sbh), two 1-byte dropout masks (2 x sbh).
-    replicated = sb * (2 * e * h + 2 * e * h + 2 * h)
-    # Split by t: Q, K, V (2sb each), attention output (2sbh), GeLU input and second matmul input (2sbf each).
-    split = sb * e * (2 * q + 2 * kv + 2 * f) / t
+    masks = 2 * h if m.dropout else 0
+    replicated = sb * (2 * e * h + 2 * e * h + masks)
+    # Split by t: Q, K, V (2sb each), attention output (2sbh), GeLU input and second matmul input
+    # (2sbf each); a gated MLP (SwiGLU) keeps both the gate and up outputs (3 x 2sbf).
+    mlp_tensors = 3 if m.gated_mlp else 2
+    split = sb * e * (2 * q + 2 * kv + mlp_tensors * f) / t
     # Attention core, eager: softmax output 2as^2b, its 1-byte dropout mask as^2b, dropout output 2as^2b.
     if training.attention == "eager" and plan.recompute != "selective":
-        split += (2 * e + 1) * m.num_heads * s * s * b / t
-    else:
+        per_score = 2 * e + 1 if m.dropout else e
+        split += per_score * m.num_heads * s * s * b / t
+    elif training.attention == "flash":
         # Flash attention keeps only the fp32 log-sum-exp per row (Dao et al. 2022, Algorithm 2).
         split += 4 * m.num_heads * s * b / t
     if plan.sp:
@@ -56,7 +60,7 @@ def megatron_layer_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPla
 def megatron_embedding_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
     """Embedding dropout mask, sbh bytes (Korthikanti et al. 2022 section 4.3); /t under SP."""
     s = training.seq_len // plan.cp
-    mask = s * plan.micro_batch * m.hidden_size
+    mask = s * plan.micro_batch * m.hidden_size if m.dropout else 0
     return mask / plan.tp if plan.sp else mask
 
 

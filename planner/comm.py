@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from planner.hardware import ClusterSpec
 from planner.training import ParallelPlan
 
-# NCCL reaches about 80% of a link's nominal bandwidth as bus bandwidth at large messages
-# (nccl-tests PERFORMANCE.md: ~230 GB/s busbw on 300 GB/s A100 NVLink; ~ 0.8 x NIC line rate
-# across nodes). A model constant; `orch calibrate` may refit it.
-BUS_EFFICIENCY = 0.8
+# Bus bandwidth NCCL reaches as a fraction of a link's nominal rate at large messages:
+# NVLink/NVSwitch ~0.77 (nccl-tests all_reduce_perf busbw ~230 GB/s on A100's 300 GB/s per
+# direction); InfiniBand ~0.9 (busbw ~180 GB/s per DGX A100 node on 8 x 25 GB/s HDR ports).
+# Model constants; `orch calibrate` may refit them.
+INTRA_NODE_BUS_EFFICIENCY = 0.77
+INTER_NODE_BUS_EFFICIENCY = 0.9
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,8 @@ def link_for(cluster: ClusterSpec, *, stride: int, size: int) -> Link:
     """The slowest link a group of ``size`` ranks, ``stride`` apart, crosses."""
     inside = stride * size <= cluster.gpus_per_node
     if inside:
-        return Link(cluster.intra_node_GB_per_s * 1e9 * BUS_EFFICIENCY, cluster.intra_node_latency_us * 1e-6)
-    return Link(cluster.inter_node_GB_per_s * 1e9 * BUS_EFFICIENCY, cluster.inter_node_latency_us * 1e-6)
+        return Link(cluster.intra_node_GB_per_s * 1e9 * INTRA_NODE_BUS_EFFICIENCY, cluster.intra_node_latency_us * 1e-6)
+    return Link(cluster.inter_node_GB_per_s * 1e9 * INTER_NODE_BUS_EFFICIENCY, cluster.inter_node_latency_us * 1e-6)
 
 
 def _latency_steps(n: int, steps_ring: int) -> float:

@@ -61,10 +61,12 @@ def rank_states(
     """Model states of a rank in ``stage``: dense parameters shard over dp, expert parameters over
     the expert-data-parallel group dp/ep (DeepSpeed MoE, ``expert_data_parallel_group``)."""
     sp = stage_params(model, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
-    states = state_bytes(_shape(model, plan, stage, expert=False), training=training, plan=plan, buffers=buffers)
+    fp32_grads = model.implementation == "megatron"
+    dense = _shape(model, plan, stage, expert=False)
+    states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
     if sp.expert:
-        expert_shape = _shape(model, plan, stage, expert=True)
-        states += state_bytes(expert_shape, training=training, plan=plan, buffers=buffers)
+        expert = _shape(model, plan, stage, expert=True)
+        states += state_bytes(expert, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
     return states, sp.total
 
 

@@ -66,6 +66,7 @@ def _llama_like(cfg: dict[str, Any], name: str) -> dict[str, Any]:
         out_proj_bias=False if family == "qwen2" else bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        dropout=cfg.get("attention_dropout", 0.0) > 0,
         num_experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
         experts_per_token=cfg.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
     )
@@ -95,6 +96,7 @@ def _gpt2(cfg: dict[str, Any], name: str) -> dict[str, Any]:
         out_proj_bias=True,
         mlp_bias=True,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        dropout=max(cfg.get("resid_pdrop", 0.1), cfg.get("attn_pdrop", 0.1), cfg.get("embd_pdrop", 0.1)) > 0,
     )
 
 

@@ -45,6 +45,7 @@ class ModelSpec(BaseModel):
     out_proj_bias: bool = Field(default=False, description="Bias on the attention output projection.")
     mlp_bias: bool = Field(default=False, description="Bias on the MLP matrices.")
     tied_embeddings: bool = Field(default=False, description="lm_head shares the input embedding matrix.")
+    dropout: bool = Field(default=False, description="Hidden/attention dropout active in training (saves 1-byte masks).")
     num_experts: int = Field(default=0, ge=0, description="Routed experts per MoE layer; 0 for a dense model.")
     experts_per_token: int = Field(default=0, ge=0, description="Top-k experts each token is routed to.")
     implementation: Implementation = Field(

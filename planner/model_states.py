@@ -79,10 +79,12 @@ def state_bytes(
     training: TrainingSpec,
     plan: ParallelPlan,
     buffers: ZeroBuffers | None,
+    fp32_grads: bool = False,
 ) -> StateBytes:
     """Model-state bytes of one rank, as DeepSpeed 0.19 allocates them (file references are to
     deepspeed/runtime/; each was measured exactly on 2 CPU ranks, see tests/planner/test_model_states.py).
 
+    ``fp32_grads`` selects Megatron-LM's fp32 gradient accumulation (no ZeRO).
     ``buffers=None`` gives the ZeRO paper's idealised count: no buckets, no padding, no step-time
     copies, no gathered working set."""
     psi, n = shape.psi, shape.n
@@ -92,6 +94,10 @@ def state_bytes(
     z = plan.zero_stage
     ideal = buffers is None
     if z == 0:
+        if fp32_grads and mixed:
+            # Megatron-LM accumulates gradients in an fp32 main_grad buffer and steps on it directly:
+            # 2 + 4 + 4 + 8 = 18 bytes per parameter with Adam (Korthikanti et al. 2022, Figure 1).
+            return StateBytes(b * psi, FP32_GRAD_BYTES * psi, int((MASTER_BYTES + k) * psi))
         return _stage0(psi, b, k, mixed, ideal)
     psi_p = psi if ideal else padded(psi, n)
     part = -(-psi_p // n)

@@ -78,8 +78,8 @@ the low-precision weight copies.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
@@ -123,6 +123,7 @@ class ActivationTrace:
     micro_batch: int
     attention: str
     dtype: str
+    kernels: str = ""  # attention actually traced, e.g. "cpu:sdpa gpu:flash"
     layer_bytes: tuple[int, ...] = ()  # GPU figure per decoder layer (producer attribution)
     model_bytes: int = 0  # GPU figure outside the decoder layers (embedding, norm, logits, loss, rotary)
     breakdown: tuple[tuple[str, int], ...] = ()  # ("layer|layers.*.mlp.act_fn:silu", bytes), GPU figure
@@ -210,7 +211,13 @@ def _gpu_flash_attention(
                 q = q.new_empty(b, a, s, d + pad)
                 k = k.new_empty(*k.shape[:-1], d + pad)
                 v = v.new_empty(*v.shape[:-1], dv + pad)
-            out = q.new_empty(b, s, a, dv + ((-dv) % 8))
+            # flash mha_fwd: out = empty_like(q.transpose(1, 2)): the output keeps q's memory layout
+            # when q is dense ([b, s, a, d] after a q_proj view + RoPE, so o_proj reuses the storage),
+            # and is a contiguous [b, s, a, d] otherwise (q a slice of a fused qkv projection).
+            if dv + ((-dv) % 8) == q.shape[-1]:
+                out = torch.empty_like(q.transpose(1, 2))
+            else:
+                out = q.new_empty(b, s, a, dv + ((-dv) % 8))
             if q.dtype == torch.float32:
                 # no fp32 flash kernel: memory-efficient kernel, logsumexp padded to a multiple of 32
                 lse = q.new_empty(b, a, -(-s // 32) * 32, dtype=torch.float32)
@@ -249,6 +256,25 @@ def _gpu_flash_attention_forward(
             rec.op.pop()
 
 
+def _grouped_mm_emulated(mat_a: "torch.Tensor", mat_b: "torch.Tensor", offs: Any, out_dtype: Any) -> "torch.Tensor":
+    """2D x 3D grouped matmul ([S, k] x [E, k, n] -> [S, n]) for fake tensors of any dtype."""
+    import torch
+
+    class _GroupedMm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, a: "torch.Tensor", b: "torch.Tensor", o: Any) -> "torch.Tensor":
+            ctx.save_for_backward(b, o, a)
+            return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype or a.dtype)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - trace only
+            raise NotImplementedError("grouped_mm emulator is for memory tracing only")
+
+    if mat_a.dim() != 2 or mat_b.dim() != 3:
+        raise NotImplementedError("only the MoE form [S, k] x [E, k, n] of grouped_mm is emulated")
+    return _GroupedMm.apply(mat_a, mat_b, offs)
+
+
 def _gpu_layer_norm(
     x: "torch.Tensor",
     normalized_shape: Any,
@@ -285,6 +311,15 @@ def _fn_name(func: Any) -> str:
     return name.strip("_") or name
 
 
+class _Packed:
+    """What the pack hook hands to autograd (weak-referenceable, unlike a plain tuple)."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: "torch.Tensor") -> None:
+        self.t = t
+
+
 class _Recorder:
     """Collects saved storages with the op and module that saved / produced them."""
 
@@ -297,21 +332,37 @@ class _Recorder:
         self.keep: list[Any] = []  # keeps produced storages alive so their keys are never reused
         # storage key -> (producer path, saver path, op, shape, dtype, nbytes)
         self.saved: dict[int, tuple[str, str, str, tuple[int, ...], Any, int]] = {}
+        self.refs: dict[int, list[Any]] = {}  # storage key -> weak refs to the packed wrappers
 
     # saved_tensors_hooks -------------------------------------------------
-    def pack(self, t: "torch.Tensor") -> "torch.Tensor":
+    def pack(self, t: "torch.Tensor") -> Any:
         st = t.untyped_storage()
         key = st._cdata
-        if key not in self.saved and key not in self.param_keys:
+        if key in self.param_keys:
+            return t
+        if key not in self.saved:
             # Unknown producer: created inside the op that is saving it (an output, or an internal
             # copy such as matmul's reshape of a non-contiguous operand) -> current module.
             producer = self.producer.get(key, self.stack[-1])
             self.saved[key] = (producer, self.stack[-1], self.op[-1], tuple(t.shape), t.dtype, st.nbytes())
-        return t
+            self.refs[key] = []
+        # The graph owns the returned wrapper; a weak reference tells whether the node that saved it
+        # is still alive when the forward ends.  Branches that do not reach the loss (e.g. a
+        # masked_fill whose output only feeds topk *indices* in a MoE router) are freed during the
+        # forward, and so are their saved tensors: they must not be counted (a real run reuses
+        # their memory).
+        packed = _Packed(t)
+        self.refs[key].append(weakref.ref(packed))
+        return packed
 
     @staticmethod
-    def unpack(t: "torch.Tensor") -> "torch.Tensor":
-        return t
+    def unpack(packed: Any) -> "torch.Tensor":
+        return packed.t if isinstance(packed, _Packed) else packed
+
+    def freeze_alive(self) -> None:
+        """Keep only storages still referenced by the autograd graph (call while the loss lives)."""
+        self.saved = {k: v for k, v in self.saved.items() if any(r() is not None for r in self.refs[k])}
+        self.refs = {}
 
     # results ---------------------------------------------------------------
     def split_scope(self, path: str) -> tuple[int | None, str]:
@@ -358,6 +409,8 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
             return out
 
         def _call(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            if func in grouped_mm_fns:
+                return _grouped_mm_any(*args, **kwargs)
             if emulate_cuda:
                 if func is F.dropout:
                     return _cuda_dropout(*args, **kwargs)
@@ -366,6 +419,17 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
                 if func is F.scaled_dot_product_attention and attention == "flash":
                     return _cuda_sdpa(*args, **kwargs)
             return func(*args, **kwargs)
+
+    grouped_mm_fns = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f}
+
+    def _grouped_mm_any(mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None) -> Any:
+        # torch's meta kernel for _grouped_mm accepts only bf16 with 16-byte aligned strides, while
+        # the real CPU kernel also runs fp32/fp16 (transformers' default MoE "grouped_mm" path).
+        # Same saves as the real GroupedMmBackward0: mat_b (expert weights, a parameter), offs
+        # (int32 [E]) and mat_a; same output shape.
+        if bias is not None:
+            raise NotImplementedError("grouped_mm with bias is not emulated")
+        return _grouped_mm_emulated(mat_a, mat_b, offs, out_dtype)
 
     def _cuda_dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
         # at::dropout on CUDA: native_dropout -> saves a bool mask (CPU: noise in input dtype)
@@ -455,10 +519,19 @@ def _run_pass(
 ) -> None:
     import torch
 
+    def enter(name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            rec.stack.append(name)
+
+        return hook
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        rec.stack.pop()
+
     handles = []
     for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: rec.stack.append(n)))
-        handles.append(mod.register_forward_hook(lambda m, a, o: rec.stack.pop() and None))
+        handles.append(mod.register_forward_pre_hook(enter(name)))
+        handles.append(mod.register_forward_hook(leave))
     try:
         # input_ids/labels are fake int64 [b, s]; values are irrelevant (all zeros).
         input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
@@ -468,7 +541,10 @@ def _run_pass(
         _ACTIVE.append(rec)
         with _make_function_mode(rec, emulate_cuda, attention):
             with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-                model(input_ids=input_ids, labels=labels)
+                # Keep only the loss, as a training step does (logits etc. are dropped here).
+                loss = model(input_ids=input_ids, labels=labels).loss
+        rec.freeze_alive()
+        del loss
     finally:
         _ACTIVE.clear()
         for h in handles:
@@ -518,7 +594,16 @@ def trace_activations(
         _register_gpu_flash()
 
     with _LOCK, _default_dtype(tdtype), _assume_unpacked(), FakeTensorMode():
-        model = _build_model(cfg, cpu_impl, tdtype)
+        try:
+            model = _build_model(cfg, cpu_impl, tdtype)
+        except ValueError:
+            if cpu_impl != "sdpa":
+                raise
+            # No SDPA support in transformers (gemma2 soft-capping, bloom/alibi, ...): the CPU pass
+            # runs eager attention; the GPU pass still uses the flash kernel when the model uses the
+            # AttentionInterface (gemma2), else eager with CUDA semantics (bloom).
+            cpu_impl = "eager"
+            model = _build_model(cfg, cpu_impl, tdtype)
         model.train()  # dropout as configured in the config
         params = {p.untyped_storage()._cdata for p in model.parameters()}
         prefix = _layer_prefix(model, num_layers)
@@ -526,8 +611,10 @@ def trace_activations(
         cpu = _Recorder(prefix, params)
         _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
 
+        gpu_impl = cpu_impl
         if attention == "flash" and model._can_set_attn_implementation():
             model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
+            gpu_impl = "flash"
         gpu = _Recorder(prefix, params)
         _run_pass(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True, attention=attention)
 
@@ -550,6 +637,7 @@ def trace_activations(
         micro_batch=micro_batch,
         attention=attention,
         dtype=dtype,
+        kernels=f"cpu:{cpu_impl} gpu:{gpu_impl}",
         layer_bytes=tuple(layer_bytes),
         model_bytes=model_bytes,
         breakdown=_breakdown(gpu_tensors),

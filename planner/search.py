@@ -1,0 +1,194 @@
+"""Search every parallel dimension at once for the fastest plan that fits.
+
+Enumerates tp, pp, cp, ep (dp fills the rest), ZeRO stage, offload, recompute, sequence
+parallelism, interleaving and micro-batch, as far as the backend can run them and the user left
+them free. Pruning keeps a 1T-parameter model on 3072 GPUs well under a second:
+- invalid (tp, pp, cp, ep) shapes are rejected before any memory is computed;
+- model states do not depend on micro-batch or recompute, so a (shape, ZeRO, offload) whose
+  states alone overflow the GPU is rejected once for all its micro-batches;
+- activations grow with the micro-batch, so micro-batches are tried in ascending order and the
+  first that does not fit ends that branch.
+Returns data (ranked plans and rejections with reasons); it never prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+from planner.evaluate import PlanMemory, evaluate
+from planner.hardware import ClusterSpec
+from planner.model import ModelSpec
+from planner.pinned import Pinned
+from planner.speed import SpeedConstants, StepTime, step_time
+from planner.training import ParallelPlan, TrainingSpec
+from planner.validate import plan_problems
+
+Backend = Literal["deepspeed", "megatron"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a training backend can run."""
+
+    sequence_parallel: bool
+    interleave: bool
+    context_parallel: bool
+    selective_recompute: bool
+    expert_parallel: bool
+    zero_with_pipeline: tuple[int, ...]
+
+
+CAPABILITIES: dict[Backend, Capabilities] = {
+    # What orch launches: DeepSpeed with AutoTP (no sequence parallelism), PipelineModule (1F1B,
+    # no interleaving, ZeRO 0/1 only), per-layer activation checkpointing (full only).
+    "deepspeed": Capabilities(False, False, False, False, False, (0, 1)),
+    # Megatron-LM (for comparison with published runs; orch does not launch it).
+    "megatron": Capabilities(True, True, True, True, True, (0, 1)),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    memory: PlanMemory
+    speed: StepTime
+
+    @property
+    def plan(self) -> ParallelPlan:
+        return self.memory.plan
+
+
+@dataclass
+class SearchResult:
+    ranked: list[Candidate]  # fitting plans, fastest first
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one example plan
+    evaluated: int = 0
+    closest: PlanMemory | None = None  # the smallest non-fitting plan, when nothing fits
+
+    def reject(self, reason: str, example: str) -> None:
+        self.rejected[reason] += 1
+        self.examples.setdefault(reason, example)
+
+    def slower_buckets(self) -> dict[str, int]:
+        """Fitting plans other than the best, grouped by how much slower they are."""
+        if not self.ranked:
+            return {}
+        best = self.ranked[0].speed.step_time_s
+        buckets: Counter = Counter()
+        for cand in self.ranked[1:]:
+            pct = (cand.speed.step_time_s / best - 1) * 100
+            label = "slower by <5%" if pct < 5 else "slower by 5-25%" if pct < 25 else "slower by 25-100%" if pct < 100 else "slower by >100%"
+            buckets[label] += 1
+        return dict(buckets)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two_upto(n: int) -> list[int]:
+    out, p = [], 1
+    while p <= n:
+        out.append(p)
+        p *= 2
+    return out
+
+
+def _choices(pinned_value, free: list) -> list:  # type: ignore[no-untyped-def]
+    return [pinned_value] if pinned_value is not None else free
+
+
+def _shapes(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned, caps: Capabilities) -> Iterator[tuple[int, int, int, int, int]]:
+    """(dp, tp, pp, cp, ep) whose product is the GPU count."""
+    n = cluster.num_gpus
+    tps = _choices(pinned.tp, [t for t in _powers_of_two_upto(cluster.gpus_per_node) if n % t == 0])
+    # Any stage count up to the layer count: uneven splits (layers_per_stage) are allowed, as the
+    # Llama 3 paper (126 layers over 16 stages) and BLOOM (70 over 12) ran them.
+    pps = _choices(pinned.pp, [p for p in _divisors(n) if p <= model.num_layers])
+    long_seq = training.seq_len >= 16384
+    cps = _choices(pinned.cp, [c for c in _powers_of_two_upto(64) if caps.context_parallel and long_seq] or [1])
+    for tp in tps:
+        for pp in pps:
+            for cp in cps:
+                if n % (tp * pp * cp):
+                    continue
+                dp = n // (tp * pp * cp)
+                if pinned.dp is not None and pinned.dp != dp:
+                    continue
+                eps = _choices(pinned.ep, [e for e in _divisors(dp) if model.is_moe and caps.expert_parallel and model.num_experts % e == 0] or [1])
+                for ep in eps:
+                    yield dp, tp, pp, cp, ep
+
+
+def _micro_batches(training: TrainingSpec, dp: int, pinned: Pinned) -> list[int]:
+    if training.global_batch:
+        if training.global_batch % dp:
+            return []
+        per_rank = training.global_batch // dp
+        free = [b for b in _divisors(per_rank) if b <= 64]
+    else:
+        free = [1, 2, 4, 8, 16, 32]
+    return _choices(pinned.micro_batch, free)
+
+
+def search(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    pinned: Pinned | None = None,
+    *,
+    backend: Backend = "deepspeed",
+    constants: SpeedConstants | None = None,
+) -> SearchResult:
+    pinned = pinned or Pinned()
+    caps = CAPABILITIES[backend]
+    result = SearchResult(ranked=[])
+    recomputes = ["none", "selective", "full"] if caps.selective_recompute else ["none", "full"]
+    for dp, tp, pp, cp, ep in _shapes(model, cluster, training, pinned, caps):
+        mbs = _micro_batches(training, dp, pinned)
+        shape = ParallelPlan.model_construct(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, sp=False, interleave=1, zero_stage=0,
+                                             offload="none", micro_batch=mbs[0] if mbs else 1, grad_accum=1, recompute="none")
+        if not mbs:
+            result.reject(f"invalid: global batch {training.global_batch} not divisible by dp={dp}", shape.describe())
+            continue
+        problems = plan_problems(model, cluster, training.model_copy(update={"global_batch": 0}), shape)
+        if problems:
+            result.reject("invalid: " + problems[0].problem.split(" of ")[0].split(" (")[0], shape.describe())
+            continue
+        zeros = _choices(pinned.zero_stage, [0, 1, 2, 3] if pp == 1 else list(caps.zero_with_pipeline))
+        for zero in zeros:
+            if pp > 1 and zero not in caps.zero_with_pipeline:
+                result.reject(f"invalid: ZeRO {zero} with pipeline parallelism on {backend}", shape.describe())
+                continue
+            offloads = _choices(pinned.offload, ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else []))
+            for offload in offloads:
+                _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants)
+    result.ranked.sort(key=lambda c: c.speed.step_time_s)
+    return result
+
+
+def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants):  # type: ignore[no-untyped-def]
+    """All recompute / sp / interleave / micro-batch choices of one (shape, ZeRO, offload)."""
+    tp, pp = shape.tp, shape.pp
+    sps = _choices(pinned.sp, [False, True] if caps.sequence_parallel and tp > 1 else [False])
+    layers_per_stage = model.num_layers // pp
+    vs = _choices(pinned.interleave, [v for v in (1, 2, 3, 4, 6, 8) if caps.interleave and pp > 1 and layers_per_stage % v == 0] or [1])
+    for recompute in _choices(pinned.recompute, recomputes):
+        for sp in sps:
+            for v in vs:
+                for mb in mbs:
+                    ga = training.global_batch // (mb * shape.dp) if training.global_batch else 1
+                    plan = ParallelPlan.model_construct(
+                        dp=shape.dp, tp=tp, pp=pp, cp=shape.cp, ep=shape.ep, sp=sp, interleave=v, zero_stage=zero,
+                        offload=offload, micro_batch=mb, grad_accum=ga, recompute=recompute,
+                    )
+                    mem = evaluate(model, cluster, training, plan)
+                    result.evaluated += 1
+                    if not mem.fits:
+                        result.reject("does not fit", plan.describe())
+                        if result.closest is None or mem.memory.total < result.closest.memory.total:
+                            result.closest = mem
+                        break  # larger micro-batches need more memory still
+                    result.ranked.append(Candidate(mem, step_time(model, cluster, training, plan, constants)))
