@@ -63,6 +63,7 @@ def run_plan(
     backend: Backend = "deepspeed",
     tokens: float | None = None,
 ) -> PlanResult:
+    cluster.gpu.peak_tflops(training.precision)  # an unsupported precision is a usage error
     _check_pinned(model, cluster, training, pinned)
     found = search(model, cluster, training, pinned, backend=backend)
     result = PlanResult(search=found, top=found.ranked[:top])

@@ -114,12 +114,17 @@ def print_memory(console: Console, model: ModelSpec, cluster: ClusterSpec, p: Pl
     legend = Text("  ").join(Text(f"█ {n}", style=COLOURS[n]) for n in COMPONENTS)
     console.print(legend)
     if p.host_bytes_per_node:
-        console.print(f"host RAM for offloaded states: {gib(p.host_bytes_per_node)} per node")
-    verdict = (
-        Text(f"FITS: {gib(p.headroom_bytes)} free per GPU", style="bold green")
-        if p.fits
-        else Text(f"DOES NOT FIT: over by {gib(-p.headroom_bytes)} per GPU", style="bold red")
-    )
+        style = "" if p.fits_host else "bold red"
+        console.print(
+            f"host RAM for offloaded states: {gib(p.host_bytes_per_node)} per node "
+            f"(of {gib(p.host_memory_bytes)})", style=style,
+        )
+    if p.fits:
+        verdict = Text(f"FITS: {gib(p.headroom_bytes)} free per GPU", style="bold green")
+    elif not p.fits_gpu:
+        verdict = Text(f"DOES NOT FIT: over by {gib(-p.headroom_bytes)} per GPU", style="bold red")
+    else:
+        verdict = Text("DOES NOT FIT: offloaded states exceed the host RAM", style="bold red")
     console.print(verdict)
 
 

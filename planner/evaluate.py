@@ -45,10 +45,20 @@ class PlanMemory(BaseModel):
     params_on_rank: int
     host_bytes_per_node: int
     gpu_memory_bytes: int
+    host_memory_bytes: int
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.memory.total <= self.gpu_memory_bytes
+
+    @property
+    def fits_host(self) -> bool:
+        """Offloaded states must fit in the node's RAM too."""
+        return self.host_bytes_per_node <= self.host_memory_bytes
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= self.gpu_memory_bytes
+        return self.fits_gpu and self.fits_host
 
     @property
     def headroom_bytes(self) -> int:
@@ -121,6 +131,7 @@ def evaluate(
             params_on_rank=n_params,
             host_bytes_per_node=states.host * cluster.gpus_per_node,
             gpu_memory_bytes=cluster.gpu.memory_bytes,
+            host_memory_bytes=cluster.host_memory_bytes,
         )
         if best is None or mem.total > best.memory.total:
             best = result

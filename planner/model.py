@@ -8,7 +8,7 @@ build the very same model.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +20,41 @@ Positions = Literal["learned", "rope"]
 # "huggingface": what transformers' PyTorch modules save for backward (what orch launches).
 # "megatron": Megatron-LM's fused kernels, the implementation Korthikanti et al. 2022 analyse.
 Implementation = Literal["huggingface", "megatron"]
+
+
+class ModelShape(NamedTuple):
+    """The hashable structural fields of a ModelSpec (what parameter counts depend on), so that
+    per-shape results can be cached during a search."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    gated_mlp: bool
+    norm: str
+    positions: str
+    qkv_bias: bool
+    out_proj_bias: bool
+    mlp_bias: bool
+    tied_embeddings: bool
+    num_experts: int
+    experts_per_token: int
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
 
 
 class ModelSpec(BaseModel):
@@ -73,6 +108,9 @@ class ModelSpec(BaseModel):
                 "set experts_per_token between 1 and num_experts",
             )
         return self
+
+    def shape(self) -> ModelShape:
+        return ModelShape(**{f: getattr(self, f) for f in ModelShape._fields})
 
     @property
     def is_moe(self) -> bool:

@@ -9,9 +9,12 @@ transformers' own count on the meta device for every preset.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import lru_cache
+from typing import Literal, Union
 
-from planner.model import ModelSpec
+from planner.model import ModelShape, ModelSpec
+
+Model = Union[ModelSpec, ModelShape]  # the functions below read structural fields only
 
 # How tensor parallelism splits a tensor (Shoeybi et al. 2019, Megatron-LM, section 3):
 # column: output features divided by tp (q/k/v, MLP up/gate, and their biases);
@@ -43,7 +46,7 @@ class ParamTensor:
         return n
 
 
-def _norm(m: ModelSpec, name: str) -> list[ParamTensor]:
+def _norm(m: Model, name: str) -> list[ParamTensor]:
     tensors = [ParamTensor(f"{name}.weight", m.hidden_size, 1, "replicated")]
     if m.norm == "layernorm":
         tensors.append(ParamTensor(f"{name}.bias", m.hidden_size, 1, "replicated"))
@@ -58,7 +61,7 @@ def _linear(name: str, in_f: int, out_f: int, split: TpSplit, bias: bool, expert
     return tensors
 
 
-def _mlp(m: ModelSpec, prefix: str, expert: bool = False) -> list[ParamTensor]:
+def _mlp(m: Model, prefix: str, expert: bool = False) -> list[ParamTensor]:
     h, f = m.hidden_size, m.ffn_hidden_size
     tensors = _linear(f"{prefix}.up", h, f, "column", m.mlp_bias, expert)
     if m.gated_mlp:  # SwiGLU/GeGLU: a second input projection (Shazeer 2020).
@@ -67,7 +70,7 @@ def _mlp(m: ModelSpec, prefix: str, expert: bool = False) -> list[ParamTensor]:
     return tensors
 
 
-def layer_tensors(m: ModelSpec) -> list[ParamTensor]:
+def layer_tensors(m: Model) -> list[ParamTensor]:
     """The parameters of one transformer block."""
     h = m.hidden_size
     tensors = _norm(m, "attn_norm")
@@ -86,7 +89,7 @@ def layer_tensors(m: ModelSpec) -> list[ParamTensor]:
     return tensors
 
 
-def embedding_tensors(m: ModelSpec) -> list[ParamTensor]:
+def embedding_tensors(m: Model) -> list[ParamTensor]:
     """Input embeddings: token table and, for GPT-2-style models, the learned position table."""
     tensors = [ParamTensor("embed_tokens", m.vocab_size, m.hidden_size, "vocab")]
     if m.positions == "learned":
@@ -94,7 +97,7 @@ def embedding_tensors(m: ModelSpec) -> list[ParamTensor]:
     return tensors
 
 
-def head_tensors(m: ModelSpec, *, with_tied_copy: bool = False) -> list[ParamTensor]:
+def head_tensors(m: Model, *, with_tied_copy: bool = False) -> list[ParamTensor]:
     """Final norm and the output projection (absent when tied, unless the last pipeline stage keeps a copy)."""
     tensors = _norm(m, "final_norm")
     if not m.tied_embeddings or with_tied_copy:
@@ -102,13 +105,13 @@ def head_tensors(m: ModelSpec, *, with_tied_copy: bool = False) -> list[ParamTen
     return tensors
 
 
-def total_params(m: ModelSpec) -> int:
+def total_params(m: Model) -> int:
     """Unique parameters of the whole model (tied weights once)."""
     per_layer = sum(t.numel for t in layer_tensors(m))
     return sum(t.numel for t in embedding_tensors(m) + head_tensors(m)) + m.num_layers * per_layer
 
 
-def active_params(m: ModelSpec) -> int:
+def active_params(m: Model) -> int:
     """Parameters one token touches: for MoE, only experts_per_token of the experts (FLOP counting)."""
     if not m.is_moe:
         return total_params(m)
@@ -117,7 +120,8 @@ def active_params(m: ModelSpec) -> int:
     return total_params(m) - m.num_layers * inactive
 
 
-def layers_per_stage(num_layers: int, pp: int) -> list[int]:
+@lru_cache(maxsize=4096)
+def layers_per_stage(num_layers: int, pp: int) -> tuple[int, ...]:
     """Split L layers over pp stages. Even when pp divides L; otherwise the extra layers go to
     the middle stages first, because the first stage holds the embedding and the most activations
     and the last stage the output layer (the Llama 3 paper, section 3.3.2, balances 126 layers
@@ -127,7 +131,7 @@ def layers_per_stage(num_layers: int, pp: int) -> list[int]:
     order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
     for stage in order[:extra]:
         counts[stage] += 1
-    return counts
+    return tuple(counts)
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,13 @@ class StageParams:
         return self.dense + self.expert
 
 
-def stage_params(m: ModelSpec, *, tp: int, pp: int, ep: int, stage: int) -> StageParams:
+def stage_params(m: Model, *, tp: int, pp: int, ep: int, stage: int) -> StageParams:
+    """Parameters on one rank of pipeline stage ``stage`` (cached per model shape)."""
+    return _stage_params(m if isinstance(m, ModelShape) else m.shape(), tp, pp, ep, stage)
+
+
+@lru_cache(maxsize=65536)
+def _stage_params(m: ModelShape, tp: int, pp: int, ep: int, stage: int) -> StageParams:
     """Parameters on one rank of pipeline stage ``stage`` under tensor degree tp and expert degree ep.
 
     The first stage holds the embeddings, the last the final norm and lm_head; with pp > 1 and
@@ -168,7 +178,12 @@ def _expert_index(t: ParamTensor) -> int:
     return int(t.name.split(".")[0].removeprefix("expert"))
 
 
-def stage_tensor_sizes(m: ModelSpec, *, tp: int, pp: int, stage: int, expert: bool, ep: int = 1) -> tuple[int, ...]:
+def stage_tensor_sizes(m: Model, *, tp: int, pp: int, stage: int, expert: bool, ep: int = 1) -> tuple[int, ...]:
+    return _stage_tensor_sizes(m if isinstance(m, ModelShape) else m.shape(), tp, pp, stage, expert, ep)
+
+
+@lru_cache(maxsize=65536)
+def _stage_tensor_sizes(m: ModelShape, tp: int, pp: int, stage: int, expert: bool, ep: int) -> tuple[int, ...]:
     """Per-rank sizes of the stage's dense (or expert) tensors in model order (embedding, layers,
     head), as DeepSpeed flattens them; a rank holds num_experts/ep of the experts."""
     n_layers = layers_per_stage(m.num_layers, pp)[stage]

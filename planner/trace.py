@@ -7,72 +7,88 @@ Method (see /work/shared/ENVIRONMENT.md, "Exact activation memory without a GPU"
 ---------------------------------------------------------------------------------
 1. ``torch.set_default_dtype(dtype)`` and build the model from its config dict
    inside ``FakeTensorMode``: every tensor is a fake CPU tensor (shape, dtype,
-   strides and a fake storage, no data), so a 405B model costs no memory.
-2. Run one *training* forward (``model.train()``, ``use_cache=False``, fake
-   int64 ``input_ids`` and ``labels``, no ``attention_mask``) inside
-   ``torch.autograd.graph.saved_tensors_hooks``.  The pack hook sees every
-   tensor autograd keeps for backward.
+   strides, a fake storage, no data), so a 405B model costs no memory.
+2. Run one *training* forward (``model.train()``, so dropout as configured;
+   ``use_cache=False``; fake int64 ``input_ids`` and ``labels`` [b, s]; no
+   ``attention_mask``, i.e. an unpadded, unpacked batch) inside
+   ``torch.autograd.graph.saved_tensors_hooks``: the pack hook sees every tensor
+   autograd keeps for backward.  Only ``.loss`` is kept, as in a training step.
 3. Count unique storages (key ``untyped_storage()._cdata``, size
-   ``untyped_storage().nbytes()``): views of one buffer are counted once, and a
-   saved view keeps its *whole* storage alive, exactly as on a real device.
-   Parameter storages are excluded (they are model state, not activations).
-   Buffers (e.g. rotary ``inv_freq``) are never saved: they do not require
-   grad and the rotary ``cos``/``sin`` are computed under ``no_grad``-like
-   conditions from them; the ``cos``/``sin`` tensors themselves ARE saved (by the
-   ``q*cos``/``k*sin`` multiplies) and are counted once per model because all
-   layers share the same storages.
+   ``untyped_storage().nbytes()``): views of one buffer count once, and a saved
+   view keeps its *whole* storage alive (e.g. a V slice of a fused QKV output
+   keeps all of it), exactly as on a device.  A storage counts only if the graph
+   still holds it when the forward ends: branches that do not reach the loss
+   (a MoE router's ``masked_fill`` that only feeds ``topk`` indices) are freed
+   during the forward together with what they saved.
+4. Parameter storages are excluded (model state).  Buffers (rotary
+   ``inv_freq``) are never saved: neither they nor ``position_ids`` require
+   grad, so the rotary ``cos``/``sin`` [1, s, d] have no graph; ``cos``/``sin``
+   themselves ARE saved (by ``q*cos``, ``rotate_half(q)*sin``), once per model
+   since every layer uses the same two storages (they are reported as
+   model-level).
 
-Two passes are run on the same fake model:
+Two passes run on the same fake model:
 
-* ``cpu``: exactly what a real CPU run saves (byte-for-byte equal to a real
-  run keyed by ``data_ptr()``, see tests).  ``cpu_trace_bytes``.
-* ``gpu``: the same forward with CUDA semantics emulated where the CPU kernels
-  save something different; ``total_bytes``.  ``gpu_correction_bytes`` is
-  ``cpu_trace_bytes - total_bytes`` (signed: CUDA keeps *more* for LayerNorm).
+* ``cpu``: exactly what a real CPU run saves, byte for byte (checked against
+  real runs keyed by ``data_ptr()`` for 19 architectures, bf16 and fp32, SDPA
+  and eager; see tests/planner/test_trace.py).  -> ``cpu_trace_bytes``.
+* ``gpu``: the same forward with CUDA semantics where CPU kernels save something
+  else.  -> ``total_bytes``.  ``gpu_correction_bytes = cpu_trace_bytes -
+  total_bytes`` (signed: CUDA keeps *more* for LayerNorm, see below).
 
-CPU vs CUDA differences that the ``gpu`` pass emulates
------------------------------------------------------
-* Attention ("flash"): a CUDA flash kernel (torch SDPA flash / FlashAttention-2)
-  saves q, k, v (un-repeated GQA heads, whatever storage they view), the output
-  ``o`` (layout [b, s, a, d], which is the very storage ``o_proj`` saves as its
-  input), and ``logsumexp`` fp32 [b, a, s].  Causal / sliding-window masking and
-  dropout happen in-kernel: no mask, no repeated K/V, no probabilities, no
-  dropout mask.  The dropout RNG state is a pair of int64 *CPU* scalars in torch
-  SDPA (0 GPU bytes); the flash-attn package keeps a 16-byte CUDA tensor per
-  layer instead (not counted).  For fp32 no flash kernel exists: torch uses the
-  memory-efficient kernel whose logsumexp is [b, a, ceil(s/32)*32] fp32.
-  head_dim not a multiple of 8 is padded by both kernels (padded copies saved).
-  What the CPU SDPA path saves instead (torch 2.13, transformers 5):
-    - no mask, no dropout: ``_scaled_dot_product_flash_attention_for_cpu``
-      saves the same q, k, v (GQA natively via ``enable_gqa``), o, lse: zero
-      correction.
-    - with an attention mask (transformers materialises one for padding,
-      packing, sliding windows shorter than the sequence, and *always* under
-      FakeTensorMode, see ``_assume_unpacked``): the boolean [b|1, 1, s, s] mask
-      is converted to a float mask of the query dtype inside every SDPA call and
-      saved per layer (s*s*elt bytes per layer, quadratic in s), and
-      transformers repeats K/V to all query heads (``repeat_kv``) because GQA +
-      mask is not supported: k and v are saved as [b, a, s, d].
-    - with dropout > 0: the CPU falls back to the math kernel, computed in fp32
-      even for bf16: it saves fp32 q, k^T, v, softmax probabilities
-      [b, a, s, s], the dropout noise [b, a, s, s] and the dropped
-      probabilities; all of it quadratic in s.
-* Dropout (``F.dropout``): CUDA uses ``native_dropout`` which saves a *bool*
-  mask (1 byte/element); the CPU saves the scaled noise in the input dtype
-  (2 or 4 bytes/element).
-* LayerNorm (``F.layer_norm``): CUDA saves mean/rstd in fp32 (accumulate type);
-  the CPU saves them in the input dtype (bf16/fp16).  4*b*s bytes more per
-  LayerNorm on CUDA for half types.  (RMSNorm in transformers is Python code:
-  identical on both.)
+CPU vs CUDA differences emulated by the ``gpu`` pass
+----------------------------------------------------
+* Attention, ``attention="flash"``.  A CUDA flash kernel (torch SDPA flash, or
+  FlashAttention-2 through transformers) saves: q [b, a, s, d]; k, v with their
+  own kv heads [b, k, s, d] (GQA is native: never repeated); the output o; and
+  logsumexp fp32 [b, a, s].  o is ``empty_like(q.transpose(1, 2))`` (flash
+  ``mha_fwd``), so it follows q's memory layout: for q = RoPE(q_proj(x).view
+  (b, s, a, d).transpose(1, 2)) that is [b, s, a, d] and o IS the storage
+  ``o_proj`` saves as its input (no copy); for q a slice of a fused QKV output
+  (GPT-2) it is a fresh contiguous [b, s, a, d], again shared with ``c_proj``.
+  Causal / sliding-window masking and dropout are in-kernel: no mask, no
+  probabilities, no dropout mask are saved.  The dropout philox seed/offset
+  are CPU scalars in torch SDPA outside CUDA-graph capture (0 GPU bytes); the
+  flash-attn package keeps a 16-byte CUDA ``rng_state`` per layer (not
+  counted).  fp32 has no flash kernel: torch picks the memory-efficient kernel,
+  whose logsumexp is [b, a, ceil(s/32)*32] fp32.  A head_dim that is not a
+  multiple of 8 is padded by both kernels and the padded copies are saved.
+  The emulation is a transformers ``AttentionInterface`` function, so it gets
+  the un-repeated K/V and no mask is built; models that call
+  ``F.scaled_dot_product_attention`` directly are intercepted there instead.
+  What the CPU SDPA path saves (torch 2.13 + transformers 5):
+    - no mask, no dropout (a normal unpadded training batch; transformers then
+      calls SDPA with ``is_causal=True`` and ``enable_gqa=True``):
+      ``_scaled_dot_product_flash_attention_for_cpu`` saves the same q, k, v,
+      o, lse: correction 0.
+    - with a mask (padding, packing, sliding window shorter than s):
+      transformers builds a bool [b, 1, s, s] mask; SDPA converts it to a float
+      mask of the query dtype in every layer and saves it (elt*b*s*s bytes per
+      layer), and since GQA + mask is not used, transformers repeats K/V
+      (``repeat_kv``): k, v saved as [b, a, s, d] (+2*elt*b*s*(a-k)*d per layer).
+      Under FakeTensorMode transformers cannot read ``position_ids`` and always
+      assumes a possibly-packed batch; ``_assume_unpacked`` restores the real
+      decision (no mask) so that the ``cpu`` pass equals a real run.
+    - with dropout > 0 (GPT-2 defaults): no CPU fused kernel supports it; the
+      math fallback computes in fp32 even for bf16 and saves fp32 q*scale,
+      k^T, v [b*a, s, d], the softmax [b, a, s, s], the dropout noise
+      [b, a, s, s] and the dropped probabilities [b*a, s, s] (12*b*a*s*s bytes
+      per layer), while the attention output is a separate contiguous copy.
+* Dropout (``F.dropout``, not in place): CUDA's ``at::dropout`` calls
+  ``native_dropout`` which saves a bool mask (1 byte/element); the CPU saves the
+  scaled noise in the input dtype (2 or 4 bytes/element).
+* LayerNorm (``F.layer_norm``): CUDA keeps mean/rstd [.., 1] in fp32 (accumulate
+  type); the CPU keeps them in the input dtype: +4*b*s bytes per LayerNorm on
+  CUDA for bf16/fp16.  (transformers' RMSNorms are Python ops: identical.)
 Everything else (matmuls, activations, softmax, log_softmax/nll_loss,
-embedding, MoE grouped_mm) saves the same tensors on both devices.
+embedding, MoE ``grouped_mm``) saves the same tensors on both devices.
 
-Not included: parameters, gradients, optimizer state, transient workspace
-(e.g. the fp32 upcast of the logits before log_softmax, cuBLAS workspaces),
-and the CUDA caching allocator's rounding (each block is rounded up to 512 B).
-Mixed precision is assumed to be "params in ``dtype``" (DeepSpeed bf16 / FSDP
-param_dtype); torch autocast with fp32 master weights would additionally save
-the low-precision weight copies.
+Mixed precision is "parameters in ``dtype``" (DeepSpeed bf16, FSDP
+param_dtype): torch autocast with fp32 master weights would additionally save
+the low-precision copies of the weights.  Not counted: parameters, gradients,
+optimizer state, transient workspaces (e.g. the fp32 logits before
+log_softmax), the CUDA caching allocator's rounding (blocks of 512 B), hub
+kernels (``use_kernels``/Liger) and activation checkpointing.
 """
 
 from __future__ import annotations
@@ -432,8 +448,9 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
         return _grouped_mm_emulated(mat_a, mat_b, offs, out_dtype)
 
     def _cuda_dropout(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
-        # at::dropout on CUDA: native_dropout -> saves a bool mask (CPU: noise in input dtype)
-        if training and 0.0 < p < 1.0:
+        # at::dropout on CUDA: native_dropout -> saves a bool mask (CPU: noise in input dtype).
+        # In-place dropout_ uses the noise path on CUDA too: left as is.
+        if training and 0.0 < p < 1.0 and not inplace:
             return torch.native_dropout(input, p, True)[0]
         return F.dropout(input, p, training, inplace)
 
@@ -593,6 +610,8 @@ def trace_activations(
     if attention == "flash":
         _register_gpu_flash()
 
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
     with _LOCK, _default_dtype(tdtype), _assume_unpacked(), FakeTensorMode():
         try:
             model = _build_model(cfg, cpu_impl, tdtype)
@@ -608,15 +627,22 @@ def trace_activations(
         params = {p.untyped_storage()._cdata for p in model.parameters()}
         prefix = _layer_prefix(model, num_layers)
 
-        cpu = _Recorder(prefix, params)
-        _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
+        try:
+            cpu = _Recorder(prefix, params)
+            _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
 
-        gpu_impl = cpu_impl
-        if attention == "flash" and model._can_set_attn_implementation():
-            model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
-            gpu_impl = "flash"
-        gpu = _Recorder(prefix, params)
-        _run_pass(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True, attention=attention)
+            gpu_impl = cpu_impl
+            if attention == "flash" and model._can_set_attn_implementation():
+                model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
+                gpu_impl = "flash"
+            gpu = _Recorder(prefix, params)
+            _run_pass(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True, attention=attention)
+        except DynamicOutputShapeException as exc:
+            # e.g. experts_implementation="eager" MoE: per-expert token lists come from nonzero().
+            raise ValueError(
+                f"{cfg.model_type}: the forward has data-dependent shapes ({exc}); fake tensors cannot "
+                "trace it. For MoE models use experts_implementation='grouped_mm' (the default)."
+            ) from exc
 
     cpu_tensors, gpu_tensors = cpu.tensors(), gpu.tensors()
     cpu_bytes = sum(t.nbytes for t in cpu_tensors)

@@ -1,0 +1,73 @@
+"""The search: validity, pinning, pruning, ranking and the rejection summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.hardware import dgx_cluster, gpu_by_name
+from planner.pinned import Pinned
+from planner.presets import preset
+from planner.search import search
+from planner.speed import step_time
+from planner.training import TrainingSpec
+from planner.validate import plan_problems
+
+
+def setup(name="llama3.1-70b", gpu="h100-80gb", gpus=64, gbs=512, seq=4096):
+    return preset(name), dgx_cluster(gpu_by_name(gpu), gpus), TrainingSpec(seq_len=seq, global_batch=gbs)
+
+
+def test_every_ranked_plan_is_valid_fits_and_sorted():
+    model, cluster, training = setup()
+    found = search(model, cluster, training)
+    assert len(found.ranked) > 10
+    times = [c.speed.step_time_s for c in found.ranked]
+    assert times == sorted(times)
+    for cand in found.ranked:
+        assert cand.memory.fits
+        assert not plan_problems(model, cluster, training, cand.plan)
+        p = cand.plan
+        assert p.micro_batch * p.grad_accum * p.dp == 512 and p.dp * p.tp * p.pp * p.cp == 64
+        assert p.tp <= 8 and 64 % p.tp == 0 and model.num_kv_heads % p.tp == 0
+
+
+def test_deepspeed_backend_never_chooses_what_it_cannot_run():
+    model, cluster, training = setup()
+    for cand in search(model, cluster, training).ranked:
+        p = cand.plan
+        assert not p.sp and p.interleave == 1 and p.cp == 1 and p.recompute != "selective"
+        assert p.pp == 1 or p.zero_stage <= 1
+
+
+def test_pinned_dimensions_are_kept():
+    model, cluster, training = setup()
+    found = search(model, cluster, training, Pinned(tp=8, zero_stage=1))
+    assert found.ranked and all(c.plan.tp == 8 and c.plan.zero_stage == 1 for c in found.ranked)
+
+
+def test_rejections_have_reasons():
+    model, cluster, training = setup(gpus=8, gbs=64)
+    found = search(model, cluster, training)
+    assert found.rejected["does not fit"] > 0
+    buckets = found.slower_buckets()
+    assert sum(buckets.values()) == len(found.ranked) - 1
+
+
+def test_nothing_fits_returns_the_closest():
+    model, cluster, training = setup("llama3.1-405b", "rtx4090-24gb", 8, 8)
+    found = search(model, cluster, training)
+    assert not found.ranked and found.closest is not None and not found.closest.fits
+
+
+def test_best_beats_simple_defaults():
+    """The winner is at least as fast as plain ZeRO-3 data parallelism over the same GPUs."""
+    model, cluster, training = setup()
+    best = search(model, cluster, training).ranked[0]
+    zero3 = search(model, cluster, training, Pinned(dp=64, tp=1, pp=1, zero_stage=3, offload="none"))
+    assert best.speed.step_time_s <= zero3.ranked[0].speed.step_time_s
+
+
+def test_moe_expert_parallel_with_megatron_backend():
+    model, cluster, training = setup("mixtral-8x7b", gbs=256)
+    found = search(model, cluster, training, backend="megatron")
+    assert found.ranked and any(c.plan.ep > 1 for c in found.ranked)
