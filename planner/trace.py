@@ -214,7 +214,7 @@ def _gpu_flash_attention(
     dropout_p: float,
 ) -> "torch.Tensor":
     """What a CUDA flash kernel saves and returns.  q: [b, a, s, d]; k, v: [b, k, s, d]
-    (un-repeated).  Returns the output as [b, s, a, dv] contiguous (the kernel's layout)."""
+    (un-repeated).  Returns the output viewed as [b, s, a, dv] (flash-attn's convention)."""
     import torch
 
     class _FlashEmulator(torch.autograd.Function):
@@ -497,6 +497,9 @@ def _assume_unpacked() -> Iterator[None]:
     SDPA without a mask.  Restore that decision for the trace."""
     import transformers.masking_utils as mu
 
+    if not hasattr(mu, "find_packed_sequence_indices"):  # older transformers: nothing to undo
+        yield
+        return
     original = mu.find_packed_sequence_indices
     mu.find_packed_sequence_indices = lambda position_ids: None
     try:
@@ -589,12 +592,18 @@ def trace_activations(
 
     ``attention``: "flash" (model built with SDPA on the CPU pass, CUDA flash kernel on the GPU
     pass) or "eager" (transformers' eager attention on both).
-    ``num_layers_override``: trace only that many decoder layers.  For models whose layers are
-    all identical (same shapes, same attention / MLP type, e.g. llama, mistral without sliding
-    window, mixtral, qwen2, gpt2), ``total(L) = total(1) + (L - 1) * (total(2) - total(1))``
-    exactly, because every saved storage is either produced inside one layer or shared by all
-    (rotary cos/sin, inputs, logits, loss).  Not exact when layers differ (alternating
-    sliding/full attention with s > window, dense+MoE mixes, per-layer sizes): trace all layers.
+    ``num_layers_override``: trace only that many decoder layers (per-layer config lists such as
+    ``layer_types`` are truncated).  ``extrapolate_layers(trace(1), trace(2), L)`` is then exact
+    whenever layers 2..L save the same as layer 2, i.e. all layers have the same shapes and
+    kinds (llama, mistral with s <= window or no window, mixtral, qwen2, gpt2, ...): every saved
+    storage is either produced inside one layer or shared by all of them (rotary cos/sin, input
+    ids, final norm, logits, loss), and the residual stream a layer hands to the next one is
+    counted once per layer.  Not exact when layers differ: alternating sliding/full attention
+    with a CPU mask, ``first_k_dense_replace`` > 1, ``mlp_only_layers``, ``decoder_sparse_step`` > 1,
+    per-layer widths.  Trace all layers then (~10 ms per layer and pass on a 2-core CPU).
+
+    ``layer_bytes`` attributes each storage to the layer that produced it (so a post-norm
+    model's layer output, saved by the next layer, counts in the producing layer).
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -632,7 +641,7 @@ def trace_activations(
             _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
 
             gpu_impl = cpu_impl
-            if attention == "flash" and model._can_set_attn_implementation():
+            if attention == "flash" and getattr(model, "_can_set_attn_implementation", lambda: False)():
                 model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
                 gpu_impl = "flash"
             gpu = _Recorder(prefix, params)

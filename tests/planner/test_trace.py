@@ -6,6 +6,7 @@ Run: PYTHONPATH=/work/main /work/main/.venv/bin/python -m pytest tests/planner/t
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import weakref
@@ -145,7 +146,8 @@ def real_cpu_saved_bytes(hf_config: dict, *, seq_len: int, micro_batch: int, att
 
 def test_import_is_cheap():
     code = "import sys, planner.trace; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
 
 
 def test_count_parameters_llama_by_hand():
