@@ -20,6 +20,7 @@ from orchestrator.render import (
     rejections, report_json,
 )
 from planner.errors import PlanInputError
+from planner.finetune import FinetuneSpec
 from planner.params import total_params
 from planner.pinned import Pinned
 from planner.presets import preset, preset_names
@@ -79,6 +80,20 @@ def plan(
     budget_gpu_hours: Optional[float] = typer.Option(None, "--budget-gpu-hours", help="Compute-optimal recipe for this many GPU-hours."),
     budget_flops: Optional[float] = typer.Option(None, "--budget-flops", help="Compute-optimal recipe for this many training FLOPs."),
     deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="Write the best plan's DeepSpeed config here."),
+    method: F.MethodOpt = F.MethodChoice.full,
+    lora_rank: F.LoraRankOpt = 8,
+    lora_alpha: F.LoraAlphaOpt = 16.0,
+    lora_targets: F.LoraTargetsOpt = None,
+    lora_dropout: F.LoraDropoutOpt = 0.0,
+    quant: F.QuantOpt = "nf4",
+    double_quant: F.DoubleQuantOpt = True,
+    quant_block_size: F.QuantBlockOpt = 64,
+    paged_optimizer: F.PagedOpt = False,
+    adapter_dtype: F.AdapterDtypeOpt = "fp32",
+    adapter_size: F.AdapterSizeOpt = 64,
+    prefix_length: F.PrefixOpt = 30,
+    num_virtual_tokens: F.VirtualTokensOpt = 20,
+    ia3_targets: F.Ia3TargetsOpt = None,
     trace: bool = typer.Option(False, "--trace", help="Measure the best plan's activations with the exact FakeTensor trace."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON (the stable contract)."),
 ) -> None:
@@ -111,7 +126,19 @@ def plan(
     if model is None:
         raise PlanInputError("no --model given", "pass --model PRESET|CONFIG.json, or --budget-gpu-hours/--budget-flops")
     model_spec = load_model(model)
-    result = run_plan(model_spec, cluster_spec, training, pinned, top=top, trace=trace, backend=backend.value, tokens=tokens)
+    ft_fields = dict(
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets or (), lora_dropout=lora_dropout,
+        quant=quant, double_quant=double_quant, quant_block_size=quant_block_size, paged_optimizer=paged_optimizer,
+        adapter_dtype=adapter_dtype, adapter_size=adapter_size, prefix_length=prefix_length,
+        num_virtual_tokens=num_virtual_tokens, ia3_targets=ia3_targets or (),
+    )
+    if method == F.MethodChoice.all:
+        from orchestrator.compare import compare_methods
+
+        raise typer.Exit(compare_methods(console, model_spec, cluster_spec, training, pinned, ft_fields, backend.value, as_json))
+    finetune = _build(FinetuneSpec, "fine-tuning flags", method=method.value, **ft_fields)
+    result = run_plan(model_spec, cluster_spec, training, pinned, top=top, trace=trace, backend=backend.value,
+                      tokens=tokens, finetune=finetune)
     if deepspeed_config is not None and result.best is not None:
         _write_deepspeed_config(deepspeed_config, result.best.plan, training)
     if as_json:
@@ -120,7 +147,7 @@ def plan(
             extra["cost"] = cost_json(result.cost)
         if not result.top:
             extra["would_fit"] = result.suggestions
-        print(json.dumps(report_json(model_spec, cluster_spec, result.top, **extra)))
+        print(json.dumps(report_json(model_spec, cluster_spec, result.top, finetune=finetune, **extra)))
     else:
         _print_result(model_spec, cluster_spec, result, explain)
     raise typer.Exit(EXIT_FITS if result.best is not None else EXIT_NOTHING_FITS)

@@ -88,3 +88,37 @@ EpOpt = Annotated[Optional[int], typer.Option("--ep", help="Expert-parallel degr
 InterleaveOpt = Annotated[
     Optional[int], typer.Option("--interleave", help="Virtual pipeline stages per rank.", rich_help_panel=PARALLEL)
 ]
+
+
+FINETUNE = "Fine-tuning (--method)"
+
+
+class MethodChoice(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+    adapter = "adapter"
+    prefix = "prefix"
+    prompt = "prompt"
+    ia3 = "ia3"
+    bitfit = "bitfit"
+    mezo = "mezo"
+    all = "all"
+
+
+MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Fine-tuning method; 'all' compares every method.", rich_help_panel=FINETUNE)]
+LoraRankOpt = Annotated[int, typer.Option("--lora-rank", help="LoRA rank r.", rich_help_panel=FINETUNE)]
+LoraAlphaOpt = Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha (scale alpha/r).", rich_help_panel=FINETUNE)]
+LoraTargetsOpt = Annotated[
+    Optional[str], typer.Option("--lora-targets", help="peft module names, comma-separated, or all-linear (default: q,v).", rich_help_panel=FINETUNE)
+]
+LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="Dropout on LoRA inputs.", rich_help_panel=FINETUNE)]
+QuantOpt = Annotated[str, typer.Option("--quant", help="QLoRA base type: nf4 or fp4.", rich_help_panel=FINETUNE)]
+DoubleQuantOpt = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="QLoRA double quantisation.", rich_help_panel=FINETUNE)]
+QuantBlockOpt = Annotated[int, typer.Option("--quant-block-size", help="QLoRA weights per quantisation constant.", rich_help_panel=FINETUNE)]
+PagedOpt = Annotated[bool, typer.Option("--paged-optimizer", help="Optimizer states in pageable memory (QLoRA).", rich_help_panel=FINETUNE)]
+AdapterDtypeOpt = Annotated[str, typer.Option("--adapter-dtype", help="Trainable adapter dtype: fp32 (peft default) or bf16.", rich_help_panel=FINETUNE)]
+AdapterSizeOpt = Annotated[int, typer.Option("--adapter-size", help="Bottleneck adapter width (Houlsby).", rich_help_panel=FINETUNE)]
+PrefixOpt = Annotated[int, typer.Option("--prefix-length", help="Prefix tuning virtual tokens.", rich_help_panel=FINETUNE)]
+VirtualTokensOpt = Annotated[int, typer.Option("--num-virtual-tokens", help="Prompt tuning virtual tokens.", rich_help_panel=FINETUNE)]
+Ia3TargetsOpt = Annotated[Optional[str], typer.Option("--ia3-targets", help="(IA)^3 peft module names (default: peft's).", rich_help_panel=FINETUNE)]

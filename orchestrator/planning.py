@@ -8,6 +8,7 @@ from planner.advice import suggestions
 from planner.cost import RunCost, run_cost
 from planner.errors import PlanInputError
 from planner.evaluate import evaluate
+from planner.finetune import FinetuneSpec, extra_sequence_tokens
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.pinned import Pinned, default_plan
@@ -30,7 +31,9 @@ class PlanResult:
         return self.top[0] if self.top else None
 
 
-def traced_candidate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cand: Candidate) -> Candidate:
+def traced_candidate(
+    model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cand: Candidate, finetune: FinetuneSpec | None = None
+) -> Candidate:
     """Re-evaluate a plan with activations from the exact FakeTensor trace of one rank's model."""
     plan = cand.plan
     if plan.tp > 1 or plan.cp > 1 or plan.recompute != "none":
@@ -40,8 +43,8 @@ def traced_candidate(model: ModelSpec, cluster: ClusterSpec, training: TrainingS
         )
     from planner.stage_trace import stage_activations_traced
 
-    acts = stage_activations_traced(model, training, plan)
-    memory = evaluate(model, cluster, training, plan, activation_bytes_override=acts)
+    acts = stage_activations_traced(model, training, plan, finetune)
+    memory = evaluate(model, cluster, training, plan, activation_bytes_override=acts, finetune=finetune)
     return Candidate(memory, cand.speed)
 
 
@@ -62,20 +65,24 @@ def run_plan(
     trace: bool = False,
     backend: Backend = "deepspeed",
     tokens: float | None = None,
+    finetune: FinetuneSpec | None = None,
 ) -> PlanResult:
     cluster.gpu.peak_tflops(training.precision)  # an unsupported precision is a usage error
     _check_pinned(model, cluster, training, pinned)
-    found = search(model, cluster, training, pinned, backend=backend)
+    if finetune is not None and finetune.method == "prompt":
+        # Prompt tuning lengthens every sequence by its virtual tokens.
+        training = training.model_copy(update={"seq_len": training.seq_len + extra_sequence_tokens(finetune)})
+    found = search(model, cluster, training, pinned, backend=backend, finetune=finetune)
     result = PlanResult(search=found, top=found.ranked[:top])
     if pinned.given():
         result.notes.append("pinned: " + ", ".join(f"{k}={v}" for k, v in pinned.given().items()))
     result.notes.append(f"searched {found.evaluated} plans for the {backend} backend")
     if not found.ranked:
-        closest = found.closest or evaluate(model, cluster, training, default_plan(pinned, cluster, training)[0])
-        result.suggestions = suggestions(model, cluster, training, closest.plan)
+        closest = found.closest or evaluate(model, cluster, training, default_plan(pinned, cluster, training)[0], finetune=finetune)
+        result.suggestions = suggestions(model, cluster, training, closest.plan, finetune)
         return result
     if trace:
-        result.top[0] = traced_candidate(model, cluster, training, result.top[0])
+        result.top[0] = traced_candidate(model, cluster, training, result.top[0], finetune)
         result.notes.append("activations of the best plan: exact FakeTensor trace")
     else:
         result.notes.append("activations: analytical model (--trace for the exact trace)")

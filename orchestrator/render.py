@@ -10,6 +10,7 @@ from rich.text import Text
 
 from planner.cost import RunCost
 from planner.evaluate import PlanMemory
+from planner.finetune import FinetuneSpec, trainable_params
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.params import total_params
@@ -21,10 +22,13 @@ COLOURS = {"parameters": "cyan", "gradients": "magenta", "optimizer": "yellow", 
 BAR_WIDTH = 50
 
 
-def plan_json(c: Candidate) -> dict[str, Any]:
+def plan_json(c: Candidate, model: ModelSpec, finetune: FinetuneSpec | None = None) -> dict[str, Any]:
     p, speed = c.memory, c.speed
     plan = p.plan
+    ft = finetune or FinetuneSpec()
     return {
+        "method": ft.method,
+        "trainable_params": trainable_params(model, ft),
         "dp": plan.dp,
         "tp": plan.tp,
         "pp": plan.pp,
@@ -57,11 +61,13 @@ def cost_json(cost: RunCost) -> dict[str, float]:
     }
 
 
-def report_json(model: ModelSpec, cluster: ClusterSpec, plans: list[Candidate], **extra: Any) -> dict[str, Any]:
+def report_json(
+    model: ModelSpec, cluster: ClusterSpec, plans: list[Candidate], finetune: FinetuneSpec | None = None, **extra: Any
+) -> dict[str, Any]:
     return {
         "model": {"name": model.name, "num_params": total_params(model)},
         "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus, "gpu_memory_bytes": cluster.gpu.memory_bytes},
-        "plans": [plan_json(c) for c in plans],
+        "plans": [plan_json(c, model, finetune) for c in plans],
         **extra,
     }
 

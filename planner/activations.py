@@ -14,6 +14,7 @@ V vocabulary. All results are bytes per rank for one micro-batch unless named ot
 from __future__ import annotations
 
 from planner.activations_hf import hf_head_bytes, hf_layer_bytes, hf_embedding_bytes
+from planner.finetune import FinetuneSpec
 from planner.model import ModelSpec
 from planner.params import layers_per_stage
 from planner.training import ParallelPlan, TrainingSpec
@@ -100,8 +101,12 @@ def in_flight_micro_batches(plan: ParallelPlan, stage: int) -> float:
     return float(n)
 
 
-def stage_activation_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> int:
+def stage_activation_bytes(
+    m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, finetune: FinetuneSpec | None = None
+) -> int:
     """Peak activation bytes of a rank in pipeline stage ``stage``."""
+    if finetune is not None and finetune.method != "full":
+        return peft_stage_activation_bytes(m, training, plan, stage, finetune)
     n_layers = layers_per_stage(m.num_layers, plan.pp)[stage]
     per_layer = layer_bytes(m, training, plan)
     if plan.recompute == "full":
@@ -118,4 +123,27 @@ def stage_activation_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelP
         total += embed(m, training, plan) * in_flight_micro_batches(plan, stage)
     if stage == plan.pp - 1:
         total += head(m, training, plan)
+    return int(total)
+
+
+def peft_stage_activation_bytes(
+    m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, ft: FinetuneSpec
+) -> int:
+    """Activations of a parameter-efficient method (planner.activations_peft)."""
+    from planner.activations_peft import peft_layer_bytes, peft_model_bytes
+
+    n_layers = layers_per_stage(m.num_layers, plan.pp)[stage]
+    in_flight = in_flight_micro_batches(plan, stage)
+    per_layer = peft_layer_bytes(m, training, plan, ft)
+    if plan.recompute == "full" and ft.method != "mezo":
+        total = layer_input_bytes(m, training, plan) * n_layers * in_flight + per_layer
+    elif ft.method == "mezo":
+        total = per_layer  # inference: one layer's transient working set at a time
+    else:
+        total = per_layer * n_layers * in_flight
+    first, last = peft_model_bytes(m, training, plan, ft)
+    if stage == 0:
+        total += first * (1 if ft.method == "mezo" else in_flight)
+    if stage == plan.pp - 1:
+        total += last
     return int(total)

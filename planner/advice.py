@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from planner.evaluate import evaluate
+from planner.finetune import FinetuneSpec
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.training import ParallelPlan, TrainingSpec
@@ -25,11 +26,13 @@ _CHANGES: list[tuple[str, dict[str, object]]] = [
 ]
 
 
-def _fits(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> bool:
-    return not plan_problems(model, cluster, training, plan) and evaluate(model, cluster, training, plan).fits
+def _fits(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan, ft: FinetuneSpec | None) -> bool:
+    return not plan_problems(model, cluster, training, plan) and evaluate(model, cluster, training, plan, finetune=ft).fits
 
 
-def suggestions(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> list[str]:
+def suggestions(
+    model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan, ft: FinetuneSpec | None = None
+) -> list[str]:
     """Up to two plan changes that fit on this cluster, and the smallest cluster that fits."""
     found: list[str] = []
     for label, update in _CHANGES:
@@ -38,17 +41,17 @@ def suggestions(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, 
             candidate = ParallelPlan.model_validate(candidate.model_dump())
         except ValueError:
             continue
-        if _fits(model, cluster, training, candidate):
+        if _fits(model, cluster, training, candidate, ft):
             found.append(f"{label} fits on this cluster")
             if len(found) == 2:
                 break
-    more = _more_gpus(model, cluster, training, plan)
+    more = _more_gpus(model, cluster, training, plan, ft)
     if more:
         found.append(more)
     return found
 
 
-def _more_gpus(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> str | None:
+def _more_gpus(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan, ft: FinetuneSpec | None) -> str | None:
     """Double the data-parallel degree (ZeRO 3, full recompute) until it fits, up to 64x the GPUs."""
     base = plan.model_copy(update={"zero_stage": 3, "recompute": "full", "pp": 1})
     for factor in (2, 4, 8, 16, 32, 64):
@@ -57,6 +60,6 @@ def _more_gpus(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, p
         bigger = cluster.model_copy(update={"num_nodes": max(1, gpus // per_node)})
         dp = gpus // (base.tp * base.cp)
         candidate = base.model_copy(update={"dp": dp, "grad_accum": 1, "ep": 1})
-        if evaluate(model, bigger, training.model_copy(update={"global_batch": 0}), candidate).fits:
+        if evaluate(model, bigger, training.model_copy(update={"global_batch": 0}), candidate, finetune=ft).fits:
             return f"{gpus} GPUs with --zero 3 --recompute full would fit"
     return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from planner.activations import stage_activation_bytes
+from planner.finetune import FinetuneSpec
+from planner.finetune_states import finetune_states
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.model_states import ShardShape, StateBytes, state_bytes
@@ -66,11 +68,18 @@ class PlanMemory(BaseModel):
 
 
 def rank_states(
-    model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, buffers: ZeroBuffers | None
+    model: ModelSpec,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    stage: int,
+    buffers: ZeroBuffers | None,
+    finetune: FinetuneSpec | None = None,
 ) -> tuple[StateBytes, int]:
     """Model states of a rank in ``stage``: dense parameters shard over dp, expert parameters over
     the expert-data-parallel group dp/ep (DeepSpeed MoE, ``expert_data_parallel_group``)."""
     sp = stage_params(model, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
+    if finetune is not None and finetune.method != "full":
+        return finetune_states(model, finetune, training, plan, stage, buffers), sp.total
     fp32_grads = model.implementation == "megatron"
     dense = _shape(model, plan, stage, expert=False)
     states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
@@ -97,6 +106,7 @@ def evaluate(
     overheads: Overheads | None = None,
     buffers: ZeroBuffers | None = None,
     activation_bytes_override: dict[int, int] | None = None,
+    finetune: FinetuneSpec | None = None,
 ) -> PlanMemory:
     """Memory of the most loaded rank over all pipeline stages.
 
@@ -106,11 +116,11 @@ def evaluate(
     groups = process_groups(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep)
     best: PlanMemory | None = None
     for stage in _candidate_stages(model.num_layers, plan.pp):
-        states, n_params = rank_states(model, training, plan, stage, buffers)
+        states, n_params = rank_states(model, training, plan, stage, buffers, finetune)
         if activation_bytes_override is not None:
             acts = activation_bytes_override[stage]
         else:
-            acts = stage_activation_bytes(model, training, plan, stage)
+            acts = stage_activation_bytes(model, training, plan, stage, finetune)
         # The optimizer step adds fp32 gradient copies after the activations are freed: the peak is
         # the larger of the backward peak and the step peak; the excess is shown under gradients.
         step_excess = max(0, states.step_extra - acts)

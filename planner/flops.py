@@ -30,16 +30,30 @@ def logits_forward_flops_per_token(m: ModelSpec) -> float:
     return 2.0 * m.hidden_size * m.vocab_size
 
 
-def model_flops_per_token(m: ModelSpec, seq_len: int) -> float:
-    """Training FLOPs per token without recomputation: 3 x forward (PaLM's model FLOPs)."""
+def pass_multipliers(method: str) -> tuple[float, float]:
+    """(matmul, attention-core) work per step in units of one forward. Full training: forward +
+    backward = 3 (backward computes input and weight gradients). Parameter-efficient methods: the
+    frozen matmuls need input gradients only, so 2 (adapters are negligible); the attention core
+    has no weights and stays at 3. MeZO: two forward passes, no backward (Malladi et al. 2023)."""
+    if method == "full":
+        return 3.0, 3.0
+    if method == "mezo":
+        return 2.0, 2.0
+    return 2.0, 3.0
+
+
+def model_flops_per_token(m: ModelSpec, seq_len: int, method: str = "full") -> float:
+    """Training FLOPs per token without recomputation: 3 x forward for full training (PaLM's
+    model FLOPs), less for frozen weights (pass_multipliers)."""
     dense, core = layer_forward_flops_per_token(m, seq_len)
-    return 3.0 * (m.num_layers * (dense + core) + logits_forward_flops_per_token(m))
+    k_dense, k_core = pass_multipliers(method)
+    return m.num_layers * (k_dense * dense + k_core * core) + k_dense * logits_forward_flops_per_token(m)
 
 
-def hardware_flops_per_token(m: ModelSpec, seq_len: int, recompute: Recompute) -> float:
+def hardware_flops_per_token(m: ModelSpec, seq_len: int, recompute: Recompute, method: str = "full") -> float:
     """Training FLOPs per token the GPUs execute, recomputation included (Narayanan et al. 2021
     report this as achieved TFLOP/s): full recompute reruns every layer's forward; selective
     reruns only the attention core (Korthikanti et al. 2022, section 5)."""
     dense, core = layer_forward_flops_per_token(m, seq_len)
     extra = {"none": 0.0, "selective": core, "full": dense + core}[recompute]
-    return model_flops_per_token(m, seq_len) + m.num_layers * extra
+    return model_flops_per_token(m, seq_len, method) + m.num_layers * extra

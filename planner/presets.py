@@ -83,6 +83,9 @@ PRESETS: dict[str, Callable[[], HfConfig]] = {
     "gpt3-310b": _gpt3(96, 16384, 128),
     "gpt3-530b": _gpt3(105, 20480, 128),
     "gpt3-1t": _gpt3(128, 25600, 160),
+    # LLaMA 1 (Touvron et al. 2023a, Table 2), the QLoRA paper's base models.
+    "llama-33b": _llama("llama", layers=60, hidden=6656, heads=52, kv_heads=52, ffn=17920, vocab=32000, max_pos=2048, rms_norm_eps=1e-6),
+    "llama-65b": _llama("llama", layers=80, hidden=8192, heads=64, kv_heads=64, ffn=22016, vocab=32000, max_pos=2048, rms_norm_eps=1e-5),
     # Llama 2 (Touvron et al. 2023; meta-llama/Llama-2-*-hf config.json).
     "llama2-7b": _llama("llama", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000, max_pos=4096),
     "llama2-13b": _llama("llama", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824, vocab=32000, max_pos=4096),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 from planner.evaluate import PlanMemory, evaluate
+from planner.finetune import FinetuneSpec
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.pinned import Pinned
@@ -141,6 +142,7 @@ def search(
     *,
     backend: Backend = "deepspeed",
     constants: SpeedConstants | None = None,
+    finetune: FinetuneSpec | None = None,
 ) -> SearchResult:
     pinned = pinned or Pinned()
     caps = CAPABILITIES[backend]
@@ -164,12 +166,12 @@ def search(
                 continue
             offloads = _choices(pinned.offload, ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else []))
             for offload in offloads:
-                _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants)
+                _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants, finetune)
     result.ranked.sort(key=lambda c: c.speed.step_time_s)
     return result
 
 
-def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants):  # type: ignore[no-untyped-def]
+def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants, finetune):  # type: ignore[no-untyped-def]
     """All recompute / sp / interleave / micro-batch choices of one (shape, ZeRO, offload)."""
     tp, pp = shape.tp, shape.pp
     sps = _choices(pinned.sp, [False, True] if caps.sequence_parallel and tp > 1 else [False])
@@ -184,11 +186,11 @@ def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, ze
                         dp=shape.dp, tp=tp, pp=pp, cp=shape.cp, ep=shape.ep, sp=sp, interleave=v, zero_stage=zero,
                         offload=offload, micro_batch=mb, grad_accum=ga, recompute=recompute,
                     )
-                    mem = evaluate(model, cluster, training, plan)
+                    mem = evaluate(model, cluster, training, plan, finetune=finetune)
                     result.evaluated += 1
                     if not mem.fits:
                         result.reject("does not fit", plan.describe())
                         if result.closest is None or mem.memory.total < result.closest.memory.total:
                             result.closest = mem
                         break  # larger micro-batches need more memory still
-                    result.ranked.append(Candidate(mem, step_time(model, cluster, training, plan, constants)))
+                    result.ranked.append(Candidate(mem, step_time(model, cluster, training, plan, constants, finetune)))

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner.comm import all_gather_s, all_reduce_s, all_to_all_s, group_links, p2p_s, reduce_scatter_s
-from planner.flops import hardware_flops_per_token, logits_forward_flops_per_token, model_flops_per_token
+from planner.finetune import FinetuneSpec, trainable_params
+from planner.flops import hardware_flops_per_token, model_flops_per_token, pass_multipliers
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
-from planner.params import layers_per_stage, stage_params
+from planner.params import layers_per_stage, stage_params, total_params
 from planner.training import ParallelPlan, TrainingSpec
 
 
@@ -147,9 +148,16 @@ def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cl
 
 
 def step_time(
-    m: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan, c: SpeedConstants | None = None
+    m: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    c: SpeedConstants | None = None,
+    finetune: FinetuneSpec | None = None,
 ) -> StepTime:
     c = c or SpeedConstants()
+    method = finetune.method if finetune is not None else "full"
+    k_dense, k_core = pass_multipliers(method)
     links = group_links(cluster, plan)
     peak = cluster.gpu.peak_tflops(training.precision) * 1e12
     hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
@@ -161,7 +169,7 @@ def step_time(
     dense_f, core_f = layer_forward_s(m, training, plan, cluster, c)
     # Backward is twice the forward; recompute reruns the forward (full) or the attention core (selective).
     recompute = {"none": 0.0, "selective": core_f, "full": dense_f + core_f}[plan.recompute]
-    layer_s = 3 * (dense_f + core_f) + recompute
+    layer_s = k_dense * dense_f + k_core * core_f + recompute
 
     # Communication inside a layer per micro-batch: Megatron's 2 all-reduces forward and 2 backward
     # (Shoeybi et al. 2019, Figure 4), plus 2 more when the forward is recomputed; with sequence
@@ -177,7 +185,7 @@ def step_time(
     ep_layer = 4 * all_to_all_s(act_bytes * m.experts_per_token, plan.ep, links.ep) if m.is_moe and plan.ep > 1 else 0.0
 
     counts = layers_per_stage(m.num_layers, plan.pp)
-    logits_s = 3 * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, peak, hbm, c, elem)
+    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, peak, hbm, c, elem)
     stage_s = [n * (layer_s + tp_layer + cp_layer + ep_layer) + (logits_s if i == plan.pp - 1 else 0.0) for i, n in enumerate(counts)]
     slowest = max(stage_s)
     compute = m_micro * slowest
@@ -190,9 +198,12 @@ def step_time(
 
     tp_part = sum(counts[:1]) * tp_layer * m_micro
     compute_only = compute - sum(counts[:1]) * (tp_layer + cp_layer + ep_layer) * m_micro
-    dp_comm = _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c)
-    optimizer = _optimizer_s(m, plan, hbm, c)
-    offload = _offload_s(m, plan, cluster, c)
+    # Data-parallel traffic and the optimizer step scale with what trains: all parameters for full
+    # training, the adapters for PEFT (trainable/total), nothing but a scalar for MeZO.
+    trained = 1.0 if method == "full" else 0.0 if method == "mezo" else trainable_params(m, finetune) / total_params(m)
+    dp_comm = trained * _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c)
+    optimizer = trained * _optimizer_s(m, plan, hbm, c)
+    offload = trained * _offload_s(m, plan, cluster, c)
 
     tokens_step = plan.micro_batch * m_micro * plan.dp * training.seq_len
     return StepTime(
@@ -207,8 +218,8 @@ def step_time(
         offload_s=offload,
         tokens_per_step=tokens_step,
         num_gpus=plan.world_size,
-        hardware_flops=hardware_flops_per_token(m, training.seq_len, plan.recompute) * tokens_step,
-        model_flops=model_flops_per_token(m, training.seq_len) * tokens_step,
+        hardware_flops=hardware_flops_per_token(m, training.seq_len, plan.recompute, method) * tokens_step,
+        model_flops=model_flops_per_token(m, training.seq_len, method) * tokens_step,
         peak_flops_per_gpu=peak,
     )
 

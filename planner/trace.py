@@ -145,6 +145,12 @@ class ActivationTrace:
     breakdown: tuple[tuple[str, int], ...] = ()  # ("layer|layers.*.mlp.act_fn:silu", bytes), GPU figure
     tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)  # GPU figure
     cpu_tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)
+    # Fine-tuning method (``peft=``).  For "mezo" every byte figure above is the *peak of live bytes*
+    # of a no_grad forward and ``tensors`` are the storages alive at that peak.
+    method: str = "full"
+    adapter_dtype: str = ""  # dtype of the trainable parameters (LoRA/IA3 adapters: fp32 by peft's autocast)
+    virtual_tokens: int = 0  # prefix / prompt tuning: p (prompt tuning runs the layers on seq_len + p)
+    peak_at: str = ""  # mezo: "module:function/aten op" whose allocation reached the peak (GPU pass)
 
 
 # --------------------------------------------------------------------------- config / model
@@ -202,6 +208,136 @@ def count_parameters(hf_config: dict[str, Any]) -> int:
             seen.add(key)
             total += p.numel()
     return total
+
+
+# --------------------------------------------------------------------------- parameter-efficient methods
+
+PeftMethod = Literal["full", "lora", "prefix", "prompt", "ia3", "bitfit", "mezo"]
+_PEFT_METHODS = ("full", "lora", "prefix", "prompt", "ia3", "bitfit", "mezo")
+# peft config class per method (task_type is always CAUSAL_LM)
+_PEFT_CONFIGS = {"lora": "LoraConfig", "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig", "ia3": "IA3Config"}
+
+
+def _normalize_peft(peft: dict[str, Any] | None) -> dict[str, Any]:
+    """Validated copy of a ``peft=`` spec; ``None`` -> ``{"method": "full"}``."""
+    spec = dict(peft or {"method": "full"})
+    method = spec.get("method", "full")
+    if method not in _PEFT_METHODS:
+        raise ValueError(f"peft method must be one of {_PEFT_METHODS}, got {method!r}")
+    spec["method"] = method
+    extra = set(spec) - {"method"}
+    if method in ("full", "bitfit", "mezo") and extra:
+        raise ValueError(f"peft method {method!r} takes no options, got {sorted(extra)}")
+    return spec
+
+
+def _apply_peft(model: Any, spec: dict[str, Any]) -> Any:
+    """Freeze / wrap ``model`` (a transformers causal LM) for the method of ``spec``.
+
+    lora / prefix / prompt / ia3: ``peft.get_peft_model(model, <Method>Config(task_type="CAUSAL_LM",
+    **options))`` with peft's defaults, including ``autocast_adapter_dtype=True`` (LoRA / IA3
+    adapters of a bf16/fp16 model are upcast to fp32; the option ``"autocast_adapter_dtype": False``
+    in the spec is passed to ``get_peft_model``).  It runs under torch's *default* default dtype
+    (fp32), as in a real script that loads the model with ``dtype=bfloat16``: prompt / prefix
+    encoders, which peft does not autocast, are then created in fp32 too.
+    bitfit: only parameters whose name ends in ``bias`` keep ``requires_grad``.
+    full / mezo: unchanged (mezo's forward runs under ``torch.no_grad``)."""
+    import torch
+
+    method = spec["method"]
+    if method in ("full", "mezo"):
+        return model
+    if method == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+        return model
+    import warnings
+
+    import peft as peft_lib
+
+    options = {k: v for k, v in spec.items() if k != "method"}
+    autocast = options.pop("autocast_adapter_dtype", True)
+    config = getattr(peft_lib, _PEFT_CONFIGS[method])(task_type="CAUSAL_LM", **options)
+    with _default_dtype(torch.float32), _fake_module_to(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False" for GPT-2's Conv1D
+        return peft_lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
+
+
+@contextlib.contextmanager
+def _fake_module_to() -> Iterator[None]:
+    """Let ``Module.to()`` work on modules holding fake parameters (peft moves / casts adapters).
+
+    ``Module._apply`` always replaces a FakeTensor parameter with ``torch.utils.swap_tensors``,
+    which refuses tensors that have weak references; FakeTensorMode's meta converter keeps one to
+    every fake ``Parameter`` (``Parameter.__new__`` detaches the data) in its ``tensor_memo``, a
+    cache for converting *real* tensors, which this module never does.  Drop the swapped tensors'
+    entries before swapping."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.utils.swap_tensors
+
+    def swap_tensors(t1: "torch.Tensor", t2: "torch.Tensor") -> None:
+        for t in (t1, t2):
+            if isinstance(t, FakeTensor):
+                memo = t.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
+                for key in [k for k, v in memo.items() if v is t1 or v is t2]:
+                    del memo[key]
+        original(t1, t2)
+
+    torch.utils.swap_tensors = swap_tensors
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
+@contextlib.contextmanager
+def _prompt_tokens_on_host(model: Any) -> Iterator[None]:
+    """GPU pass of prompt / prefix tuning.  peft keeps ``prompt_tokens`` (``arange(p)``) in a plain
+    dict, so ``model.to("cuda")`` leaves them on the host and every ``get_prompt`` copies
+    ``prompt_tokens.unsqueeze(0).expand(b, -1)`` to the device: a contiguous int64 [b, p] that the
+    prompt encoder's embedding saves (8*b*p bytes; the CPU run saves the [p] buffer itself, 8*p).
+    Emulated by putting them on the meta device, so that ``.to(<embedding device>)`` copies."""
+    import torch
+
+    tokens = getattr(model, "prompt_tokens", None)
+    if not isinstance(tokens, dict):
+        yield
+        return
+    saved = dict(tokens)
+    for name, t in saved.items():
+        tokens[name] = torch.arange(t.numel(), dtype=t.dtype, device="meta")
+    try:
+        yield
+    finally:
+        tokens.update(saved)
+
+
+def _trainable_dtype(model: Any) -> str:
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    return "/".join(dtypes)
+
+
+def count_trainable_parameters(hf_config: dict[str, Any], peft: dict[str, Any] | None = None) -> tuple[int, int]:
+    """``(trainable, total)`` parameters of the causal LM of ``hf_config`` under the method ``peft``
+    (same spec as :func:`trace_activations`), counted like peft's ``get_nb_trainable_parameters()``
+    (``named_parameters()``: tied weights once; ``total`` includes the adapters).
+
+    Built on the meta device.  full and mezo: every parameter is trainable (MeZO updates all of
+    them with zeroth-order estimates); bitfit: the biases."""
+    import torch
+
+    spec = _normalize_peft(peft)
+    cfg = _make_config(hf_config)
+    with torch.device("meta"):
+        model = _apply_peft(_build_model(cfg, "eager", torch.float32), spec)
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
 
 
 # --------------------------------------------------------------------------- CUDA emulation
@@ -399,7 +535,9 @@ class _Recorder:
         return tuple(out)
 
 
-def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> Any:
+def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str, record_producers: bool = True) -> Any:
+    """``record_producers=False`` (inference pass): keep no reference to any output storage, so
+    that storages die when the model's code drops them (the live-bytes tracker needs that)."""
     import torch
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
@@ -415,6 +553,8 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
                 out = self._call(func, args, kwargs)
             finally:
                 rec.op.pop()
+            if not record_producers:
+                return out
             scope = rec.stack[-1]
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
@@ -434,6 +574,8 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
                     return _cuda_layer_norm(*args, **kwargs)
                 if func is F.scaled_dot_product_attention and attention == "flash":
                     return _cuda_sdpa(*args, **kwargs)
+                if func is F.softmax:
+                    return _cuda_softmax(*args, **kwargs)
             return func(*args, **kwargs)
 
     grouped_mm_fns = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f}
@@ -453,6 +595,14 @@ def _make_function_mode(rec: _Recorder, emulate_cuda: bool, attention: str) -> A
         if training and 0.0 < p < 1.0 and not inplace:
             return torch.native_dropout(input, p, True)[0]
         return F.dropout(input, p, training, inplace)
+
+    def _cuda_softmax(input: Any, dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Any:
+        # at::softmax(fp16 input, dtype=float32) on CUDA runs the fused half_to_float kernel; the CPU
+        # (and bf16 on CUDA) first materialises an fp32 copy of the input.  That copy is never saved
+        # for backward (same saved output), but it is live memory: it matters for the no_grad peak.
+        if dtype == torch.float32 and isinstance(input, torch.Tensor) and input.dtype == torch.float16:
+            return torch._softmax(input, dim if dim is not None else -1, True)
+        return F.softmax(input, dim, _stacklevel, dtype)
 
     def _cuda_layer_norm(
         input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
@@ -528,16 +678,23 @@ def _layer_prefix(model: Any, num_layers: int) -> str | None:
     return best
 
 
-def _run_pass(
-    model: Any,
-    rec: _Recorder,
-    *,
-    seq_len: int,
-    micro_batch: int,
-    emulate_cuda: bool,
-    attention: str,
-) -> None:
-    import torch
+@contextlib.contextmanager
+def _module_scopes(model: Any, rec: _Recorder, hf_model: Any = None) -> Iterator[None]:
+    """Keep ``rec.stack`` = path of the running module.  Paths are relative to the transformers
+    model ``hf_model`` (``model.layers.0.mlp``) even when ``model`` is a peft wrapper; the
+    wrapper's own modules keep their path (``prompt_encoder.default``)."""
+    hf_prefix = ""
+    if hf_model is not None and hf_model is not model:
+        hf_prefix = next(name for name, mod in model.named_modules() if mod is hf_model)
+
+    def rel(name: str) -> str:
+        if not hf_prefix:
+            return name
+        if name == hf_prefix or name == "" or hf_prefix.startswith(name + "."):
+            return ""  # the transformers model and the wrappers around it
+        if name.startswith(hf_prefix + "."):
+            return name[len(hf_prefix) + 1 :]
+        return name
 
     def enter(name: str) -> Any:
         def hook(module: Any, args: Any) -> None:
@@ -550,25 +707,136 @@ def _run_pass(
 
     handles = []
     for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(enter(name)))
+        handles.append(mod.register_forward_pre_hook(enter(rel(name))))
         handles.append(mod.register_forward_hook(leave))
     try:
-        # input_ids/labels are fake int64 [b, s]; values are irrelevant (all zeros).
-        input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-        labels = torch.zeros(micro_batch, seq_len, dtype=torch.long)
-        for t in (input_ids, labels):
-            rec.producer[t.untyped_storage()._cdata] = "<input>"
-        _ACTIVE.append(rec)
-        with _make_function_mode(rec, emulate_cuda, attention):
-            with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-                # Keep only the loss, as a training step does (logits etc. are dropped here).
-                loss = model(input_ids=input_ids, labels=labels).loss
-        rec.freeze_alive()
-        del loss
+        yield
     finally:
-        _ACTIVE.clear()
         for h in handles:
             h.remove()
+
+
+def _run_pass(
+    model: Any,
+    rec: _Recorder,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    emulate_cuda: bool,
+    attention: str,
+    hf_model: Any = None,
+) -> None:
+    import torch
+
+    try:
+        with _module_scopes(model, rec, hf_model):
+            # input_ids/labels are fake int64 [b, s]; values are irrelevant (all zeros).
+            input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            labels = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            for t in (input_ids, labels):
+                rec.producer[t.untyped_storage()._cdata] = "<input>"
+            _ACTIVE.append(rec)
+            with _make_function_mode(rec, emulate_cuda, attention):
+                with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+                    # Keep only the loss, as a training step does (logits etc. are dropped here).
+                    loss = model(input_ids=input_ids, labels=labels).loss
+            rec.freeze_alive()
+            del loss
+    finally:
+        _ACTIVE.clear()
+
+
+def _make_live_tracker(rec: _Recorder, exclude: set[int]) -> Any:
+    """A TorchDispatchMode that follows the live (allocated, not yet freed) storages.
+
+    Every aten op is seen (composite functions such as ``F.linear`` or ``F.cross_entropy`` are
+    decomposed before the Python dispatch key, so their temporaries are seen too).  An output whose
+    storage is not one of the op's inputs' storages is a fresh allocation: its ``nbytes()`` are
+    added and a ``weakref.finalize`` on its ``UntypedStorage`` subtracts them when the storage dies.
+    Storage PyObjects are preserved while the C++ StorageImpl lives, so the finalizer fires exactly
+    when the last tensor / view / C++ reference goes, i.e. when a device allocator would get the
+    block back.  The peak is checked after each op (maxima are only reached right after an
+    allocation) and the live set is snapshotted there (cheap: under no_grad only a handful of
+    storages are alive at a time).  ``exclude``: parameter and buffer storages (model state)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class _LiveTracker(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            # storage key -> (producer path, producer path, op, shape, dtype, nbytes) (_Recorder.saved format)
+            self.live: dict[int, tuple[str, str, str, tuple[int, ...], Any, int]] = {}
+            self.current = 0
+            self.peak = 0
+            self.peak_live: dict[int, tuple[str, str, str, tuple[int, ...], Any, int]] = {}
+            self.peak_at = ""
+
+        def register(self, t: "torch.Tensor", producer: str, op: str) -> None:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in self.live or key in exclude:
+                return
+            nbytes = st.nbytes()
+            self.live[key] = (producer, producer, op, tuple(t.shape), t.dtype, nbytes)
+            self.current += nbytes
+            weakref.finalize(st, self._free, key)
+            if self.current > self.peak:
+                self.peak = self.current
+                self.peak_live = dict(self.live)
+                self.peak_at = f"{producer}:{op}"
+
+        def _free(self, key: int) -> None:
+            entry = self.live.pop(key, None)
+            if entry is not None:
+                self.current -= entry[-1]
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            inputs = {
+                t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            }
+            op = f"{rec.op[-1]}/{func.overloadpacket.__name__}"
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                    self.register(t, rec.stack[-1], op)
+            return out
+
+    return _LiveTracker()
+
+
+def _run_inference_pass(
+    model: Any,
+    rec: _Recorder,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    emulate_cuda: bool,
+    attention: str,
+    hf_model: Any = None,
+) -> str:
+    """MeZO: one forward with labels under ``torch.no_grad``; ``rec.saved`` <- the storages alive at
+    the peak of live bytes (inputs included).  Returns where the peak was reached."""
+    import torch
+
+    exclude = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    tracker = _make_live_tracker(rec, exclude)
+    try:
+        with _module_scopes(model, rec, hf_model):
+            input_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            labels = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            for t in (input_ids, labels):
+                tracker.register(t, "<input>", "zeros")
+            _ACTIVE.append(rec)
+            with _make_function_mode(rec, emulate_cuda, attention, record_producers=False):
+                with torch.no_grad(), tracker:
+                    loss = model(input_ids=input_ids, labels=labels).loss
+            del loss
+    finally:
+        _ACTIVE.clear()
+    rec.saved = tracker.peak_live
+    return tracker.peak_at
 
 
 def _breakdown(tensors: tuple[SavedTensor, ...]) -> tuple[tuple[str, int], ...]:
@@ -587,8 +855,17 @@ def trace_activations(
     attention: AttentionKind = "flash",
     dtype: DTypeName = "bf16",
     num_layers_override: int | None = None,
+    peft: dict[str, Any] | None = None,
 ) -> ActivationTrace:
     """Trace the bytes one training forward keeps for backward (see module docstring).
+
+    ``peft``: fine-tuning method, ``None`` = ``{"method": "full"}``; see "Parameter-efficient
+    methods" in the module docstring: ``{"method": "lora", "r": 8, "target_modules": [...]}``
+    (any ``LoraConfig`` option), ``{"method": "prefix", "num_virtual_tokens": 30}``,
+    ``{"method": "prompt", "num_virtual_tokens": 20}``, ``{"method": "ia3"}`` (any ``IA3Config``
+    option), ``{"method": "bitfit"}``, ``{"method": "mezo"}`` (peak of live bytes of a no_grad
+    forward instead of saved bytes).  ``seq_len`` is the real tokens per sample; prompt tuning
+    runs the layers on ``seq_len + num_virtual_tokens`` (``ActivationTrace.virtual_tokens``).
 
     ``attention``: "flash" (model built with SDPA on the CPU pass, CUDA flash kernel on the GPU
     pass) or "eager" (transformers' eager attention on both).
@@ -613,6 +890,8 @@ def trace_activations(
     if seq_len < 1 or micro_batch < 1:
         raise ValueError("seq_len and micro_batch must be >= 1")
     tdtype = _torch_dtype(dtype)
+    spec = _normalize_peft(peft)
+    method = spec["method"]
     cfg = _make_config(hf_config, num_layers_override)
     num_layers = int(cfg.num_hidden_layers)
     cpu_impl = "sdpa" if attention == "flash" else "eager"
@@ -632,20 +911,39 @@ def trace_activations(
             # AttentionInterface (gemma2), else eager with CUDA semantics (bloom).
             cpu_impl = "eager"
             model = _build_model(cfg, cpu_impl, tdtype)
-        model.train()  # dropout as configured in the config
+        hf_model = model
+        model = _apply_peft(hf_model, spec)
+        if method == "mezo":
+            model.eval()  # MeZO's zo_forward: eval mode (no dropout), no autograd graph
+        else:
+            model.train()  # dropout as configured in the config (and lora_dropout)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if method != "mezo" and not trainable:
+            raise ValueError(f"{cfg.model_type}: no trainable parameter for peft method {method!r} (no biases?)")
+        adapter_dtype = str(tdtype if method == "mezo" else trainable[0].dtype).replace("torch.", "")
+        if len({p.dtype for p in trainable}) > 1:
+            adapter_dtype = _trainable_dtype(model)
+        virtual_tokens = 0
+        if method in ("prefix", "prompt"):
+            virtual_tokens = int(model.active_peft_config.num_virtual_tokens)
         params = {p.untyped_storage()._cdata for p in model.parameters()}
-        prefix = _layer_prefix(model, num_layers)
+        prefix = _layer_prefix(hf_model, num_layers)
+        run = _run_inference_pass if method == "mezo" else _run_pass
+        passes = {}
 
         try:
             cpu = _Recorder(prefix, params)
-            _run_pass(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False, attention=attention)
+            passes["cpu"] = run(model, cpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=False,
+                                attention=attention, hf_model=hf_model)
 
             gpu_impl = cpu_impl
-            if attention == "flash" and getattr(model, "_can_set_attn_implementation", lambda: False)():
-                model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
+            if attention == "flash" and getattr(hf_model, "_can_set_attn_implementation", lambda: False)():
+                hf_model.set_attn_implementation(_GPU_FLASH_IMPL)  # K/V un-repeated, no mask built
                 gpu_impl = "flash"
             gpu = _Recorder(prefix, params)
-            _run_pass(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True, attention=attention)
+            with _prompt_tokens_on_host(model):
+                passes["gpu"] = run(model, gpu, seq_len=seq_len, micro_batch=micro_batch, emulate_cuda=True,
+                                    attention=attention, hf_model=hf_model)
         except DynamicOutputShapeException as exc:
             # e.g. experts_implementation="eager" MoE: per-expert token lists come from nonzero().
             raise ValueError(
@@ -678,6 +976,10 @@ def trace_activations(
         breakdown=_breakdown(gpu_tensors),
         tensors=gpu_tensors,
         cpu_tensors=cpu_tensors,
+        method=method,
+        adapter_dtype=adapter_dtype,
+        virtual_tokens=virtual_tokens,
+        peak_at=passes["gpu"] or "",
     )
 
 

@@ -1,0 +1,61 @@
+"""`orch plan --method all`: every fine-tuning method's best plan, side by side."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.inputs import pydantic_problem
+from orchestrator.planning import PlanResult, run_plan
+from orchestrator.render import plan_json, print_header
+from planner.finetune import METHODS, FinetuneSpec, trainable_params
+from planner.hardware import ClusterSpec
+from planner.model import ModelSpec
+from planner.pinned import Pinned
+from planner.training import TrainingSpec
+from planner.units import GiB
+
+
+def _specs(ft_fields: dict[str, Any]) -> list[FinetuneSpec]:
+    try:
+        return [FinetuneSpec(method=m, **ft_fields) for m in METHODS]  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise pydantic_problem(exc, "fine-tuning flags") from None
+
+
+def compare_methods(
+    console: Console, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
+    ft_fields: dict[str, Any], backend: str, as_json: bool,
+) -> int:
+    """Exit 0 when at least one method fits."""
+    rows: list[tuple[FinetuneSpec, PlanResult]] = [
+        (ft, run_plan(model, cluster, training, pinned, top=1, backend=backend, finetune=ft))  # type: ignore[arg-type]
+        for ft in _specs(ft_fields)
+    ]
+    if as_json:
+        methods = {
+            ft.method: {"trainable_params": trainable_params(model, ft), "fits": r.best is not None,
+                        "plans": [plan_json(r.best, model, ft)] if r.best else [], "would_fit": r.suggestions}
+            for ft, r in rows
+        }
+        print(json.dumps({"model": {"name": model.name}, "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus},
+                          "methods": methods}))
+    else:
+        print_header(console, model, cluster)
+        table = Table(title="fine-tuning methods, best plan of each", title_justify="left")
+        for col in ("method", "fits", "GiB/GPU", "trainable", "step s", "tokens/s", "best plan"):
+            table.add_column(col, justify="left" if col in ("method", "best plan") else "right")
+        for ft, r in rows:
+            n = trainable_params(model, ft)
+            if r.best is None:
+                table.add_row(ft.method, "[red]no[/]", "-", f"{n:,}", "-", "-", (r.suggestions or ["-"])[0])
+                continue
+            b = r.best
+            table.add_row(ft.method, "[green]yes[/]", f"{b.memory.memory.total / GiB:.1f}", f"{n:,}",
+                          f"{b.speed.step_time_s:.3f}", f"{b.speed.tokens_per_s:,.0f}", b.plan.describe())
+        console.print(table)
+    return 0 if any(r.best is not None for _, r in rows) else 1
