@@ -111,7 +111,7 @@ def evaluate(
     """Memory of the most loaded rank over all pipeline stages.
 
     ``activation_bytes_override`` maps stage -> activation bytes measured by the trace."""
-    overheads = overheads or Overheads()
+    overheads = overheads or cluster.overheads
     buffers = buffers if buffers is not None else ZeroBuffers()
     groups = process_groups(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep)
     best: PlanMemory | None = None

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.errors import PlanInputError
+from planner.overheads import Overheads
 from planner.units import GB, GiB
 
 Precision = Literal["bf16", "fp16", "fp32", "fp8"]
@@ -128,6 +129,9 @@ class ClusterSpec(BaseModel):
     pue: float = Field(default=1.2, ge=1.0, description="Datacenter power usage effectiveness (energy multiplier).")
     backend: Literal["nccl", "gloo"] = Field(default="nccl", description="torch.distributed backend the GPUs use.")
     ray_address: str | None = Field(default=None, description="Address of an existing Ray cluster; None = embedded.")
+    overheads: Overheads = Field(
+        default_factory=Overheads, description="Runtime overhead constants (CUDA context, NCCL, fragmentation); calibratable."
+    )
 
     @property
     def num_gpus(self) -> int:

@@ -45,8 +45,9 @@ CAPABILITIES: dict[Backend, Capabilities] = {
     # What orch launches: DeepSpeed with AutoTP (no sequence parallelism), PipelineModule (1F1B,
     # no interleaving, ZeRO 0/1 only), per-layer activation checkpointing (full only).
     "deepspeed": Capabilities(False, False, False, False, False, (0, 1)),
-    # Megatron-LM (for comparison with published runs; orch does not launch it).
-    "megatron": Capabilities(True, True, True, True, True, (0, 1)),
+    # Megatron-LM-class frameworks (for comparison with published runs; orch does not launch them):
+    # the distributed optimizer shards optimizer states and gradients (ZeRO-2-like) beside pipelines.
+    "megatron": Capabilities(True, True, True, True, True, (0, 1, 2)),
 }
 
 
@@ -175,8 +176,13 @@ def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, ze
     """All recompute / sp / interleave / micro-batch choices of one (shape, ZeRO, offload)."""
     tp, pp = shape.tp, shape.pp
     sps = _choices(pinned.sp, [False, True] if caps.sequence_parallel and tp > 1 else [False])
-    layers_per_stage = model.num_layers // pp
-    vs = _choices(pinned.interleave, [v for v in (1, 2, 3, 4, 6, 8) if caps.interleave and pp > 1 and layers_per_stage % v == 0] or [1])
+    per_stage, uneven = divmod(model.num_layers, pp)
+    # Virtual stages dividing an even split; with an already uneven split (Llama 3: 126 layers over
+    # 16 stages) any count up to the layers per stage.
+    vs = _choices(pinned.interleave, [
+        v for v in (1, 2, 3, 4, 6, 8)
+        if caps.interleave and pp > 1 and v <= per_stage and (uneven or per_stage % v == 0)
+    ] or [1])
     for recompute in _choices(pinned.recompute, recomputes):
         for sp in sps:
             for v in vs:

@@ -330,7 +330,7 @@ def count_trainable_parameters(hf_config: dict[str, Any], peft: dict[str, Any] |
 
     spec = _normalize_peft(peft)
     cfg = _make_config(hf_config)
-    with torch.device("meta"):
+    with _LOCK, torch.device("meta"):  # _apply_peft switches torch's global default dtype
         model = _apply_peft(_build_model(cfg, "eager", torch.float32), spec)
     trainable = total = 0
     for _, p in model.named_parameters():
@@ -984,8 +984,21 @@ def trace_activations(
 
 
 def extrapolate_layers(one_layer: ActivationTrace, two_layers: ActivationTrace, num_layers: int) -> int:
-    """``total(L)`` from traces of 1 and 2 layers (exact for identical layers, see trace_activations)."""
+    """``total(L)`` from traces of 1 and 2 layers (exact for identical layers, see trace_activations):
+    ``model + layer_0 + (L - 1) * layer_1``, all three read from the 2-layer trace.
+
+    That also covers the peft methods, whose layer 0 saves less than the others (its input does
+    not require grad), and model-level tensors that only layers >= 1 save: with prefix tuning on a
+    rotary model neither q nor k of layer 0 requires grad, so a 1-layer model never saves the
+    shared cos/sin (``one_layer.total_bytes + (L - 1) * (two - one)`` would count them L - 1
+    times).  MeZO: the peak of live bytes does not grow with depth (a layer's temporaries are freed
+    before the next one runs; layers >= 1 all peak alike), so it is the 2-layer figure."""
     if (one_layer.num_layers, two_layers.num_layers) != (1, 2):
         raise ValueError("expected traces of exactly 1 and 2 layers")
-    per_layer = two_layers.total_bytes - one_layer.total_bytes
-    return one_layer.total_bytes + (num_layers - 1) * per_layer
+    if one_layer.method != two_layers.method:
+        raise ValueError(f"traces of different methods: {one_layer.method!r} vs {two_layers.method!r}")
+    if num_layers == 1:
+        return one_layer.total_bytes
+    if two_layers.method == "mezo":
+        return two_layers.total_bytes
+    return two_layers.model_bytes + two_layers.layer_bytes[0] + (num_layers - 1) * two_layers.layer_bytes[1]

@@ -40,10 +40,10 @@ def plan_problems(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
         bad(f"tp={p.tp} does not divide ffn_hidden_size={model.ffn_hidden_size}", "use a tp that divides it")
     if p.pp > model.num_layers:
         bad(f"pp={p.pp} exceeds the {model.num_layers} layers", f"use pp <= {model.num_layers}")
-    if p.interleave > 1 and model.num_layers % (p.pp * p.interleave):
+    if p.interleave > 1 and model.num_layers < p.pp * p.interleave:
         bad(
-            f"pp*interleave = {p.pp * p.interleave} does not divide num_layers={model.num_layers}",
-            "use an interleave whose product with pp divides the layers",
+            f"pp*interleave = {p.pp * p.interleave} exceeds num_layers={model.num_layers}",
+            "use fewer virtual stages: each needs at least one layer",
         )
     if p.pp > 1 and p.zero_stage > 1:
         # deepspeed/runtime/pipe/engine.py asserts zero stage < 2 with PipelineModule.
