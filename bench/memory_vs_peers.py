@@ -246,7 +246,7 @@ def llma_model_fields(m: ModelSpec) -> dict:
 def llm_analysis(cases: list[Case]) -> tuple[dict[str, dict], str]:
     py, how = ensure_llm_analysis()
     if py is None:
-        return {}, how
+        return {}, f"llm-analysis unavailable ({how})"
     eff = SpeedConstants().gemm_efficiency
     payload = []
     for case in cases:
@@ -260,11 +260,11 @@ def llm_analysis(cases: list[Case]) -> tuple[dict[str, dict], str]:
     try:
         r = _run([str(py), "-c", LLMA_PROGRAM], timeout=300, input=json.dumps(payload))
     except (OSError, subprocess.TimeoutExpired) as e:
-        return {}, f"llm-analysis subprocess failed: {e}"
+        return {}, f"llm-analysis unavailable (subprocess failed: {e})"
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("@@JSON@@")), None)
     if r.returncode != 0 or line is None:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        return {}, f"llm-analysis exited {r.returncode}: {' | '.join(tail)}"
+        return {}, f"llm-analysis unavailable (exited {r.returncode}: {' | '.join(tail)})"
     data = json.loads(line[len("@@JSON@@"):])
     return data["results"], f"llm-analysis {data['version']} ({how}; flops_efficiency={eff}, ours)"
 
@@ -324,11 +324,12 @@ def main() -> None:
             ("total", o["total"], None, lv("(weight+op_state+grad+act)_memory_per_gpu"), None),
         ]
         p = case.plan
+        la_params = "-" if lv("num_params_total") is None else f"{lv('num_params_total') / 1e9:.3f}B"
+        la_maxb = "-" if lv("max_batch_size_per_gpu") is None else lv("max_batch_size_per_gpu")
         print(f"{case.label} | {case.model} ({case.implementation}) on {case.gpus}x{case.gpu}, "
               f"{p.describe()}, seq {case.seq_len}, flash | params ours {o['params'] / 1e9:.3f}B, "
-              f"llm-a {lv('num_params_total') / 1e9 if lv('num_params_total') else float('nan'):.3f}B | "
-              f"ours: stage {o['stage']}, {'fits' if o['fits'] else 'does NOT fit'} | "
-              f"llm-a max micro-batch {lv('max_batch_size_per_gpu')}")
+              f"llm-a {la_params} | ours: stage {o['stage']}, {'fits' if o['fits'] else 'does NOT fit'} | "
+              f"llm-a max micro-batch {la_maxb}")
         for name, ov, iv, lval, dval in rows:
             print(f"{'':28s} {name:14s} {gib(ov)} {gib(iv)} {gib(lval)} {ratio(ov, lval):>7s} "
                   f"{gib(dval)} {ratio(ov, dval):>7s}")

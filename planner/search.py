@@ -77,10 +77,10 @@ class SearchResult:
         """Fitting plans other than the best, grouped by how much slower they are."""
         if not self.ranked:
             return {}
-        best = self.ranked[0].speed.step_time_s
+        best = self.ranked[0].speed.tokens_per_s
         buckets: Counter = Counter()
         for cand in self.ranked[1:]:
-            pct = (cand.speed.step_time_s / best - 1) * 100
+            pct = (best / cand.speed.tokens_per_s - 1) * 100
             label = "slower by <5%" if pct < 5 else "slower by 5-25%" if pct < 25 else "slower by 25-100%" if pct < 100 else "slower by >100%"
             buckets[label] += 1
         return dict(buckets)
@@ -135,6 +135,12 @@ def _micro_batches(training: TrainingSpec, dp: int, pinned: Pinned) -> list[int]
     return _choices(pinned.micro_batch, free)
 
 
+def _default_accum(pp: int) -> int:
+    """Without a global batch, a pipeline gets 4 micro-batches per stage per step, which bounds the
+    1F1B bubble (pp-1)/m below 25% (Narayanan et al. 2021, section 2.2); without a pipeline, 1."""
+    return 4 * pp if pp > 1 else 1
+
+
 def search(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -168,7 +174,9 @@ def search(
             offloads = _choices(pinned.offload, ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else []))
             for offload in offloads:
                 _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants, finetune)
-    result.ranked.sort(key=lambda c: c.speed.step_time_s)
+    # Fastest first by throughput: with a fixed global batch this is the shortest step; without
+    # one, plans process different batches and tokens per second is what compares them.
+    result.ranked.sort(key=lambda c: -c.speed.tokens_per_s)
     return result
 
 
@@ -187,7 +195,7 @@ def _search_branch(model, cluster, training, pinned, caps, recomputes, shape, ze
         for sp in sps:
             for v in vs:
                 for mb in mbs:
-                    ga = training.global_batch // (mb * shape.dp) if training.global_batch else 1
+                    ga = training.global_batch // (mb * shape.dp) if training.global_batch else _default_accum(pp)
                     plan = ParallelPlan.model_construct(
                         dp=shape.dp, tp=tp, pp=pp, cp=shape.cp, ep=shape.ep, sp=sp, interleave=v, zero_stage=zero,
                         offload=offload, micro_batch=mb, grad_accum=ga, recompute=recompute,

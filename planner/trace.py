@@ -89,6 +89,57 @@ the low-precision copies of the weights.  Not counted: parameters, gradients,
 optimizer state, transient workspaces (e.g. the fp32 logits before
 log_softmax), the CUDA caching allocator's rounding (blocks of 512 B), hub
 kernels (``use_kernels``/Liger) and activation checkpointing.
+
+Parameter-efficient methods (``peft=``)
+---------------------------------------
+The base model is built as above, then wrapped with ``peft.get_peft_model`` (LoRA, prefix tuning,
+prompt tuning, (IA)^3; ``task_type="CAUSAL_LM"``, peft's defaults for every option not given) or
+frozen by hand (BitFit: only ``*.bias`` trains).  peft runs under torch's usual default dtype
+(fp32), as in a script that loads the model with ``dtype=bfloat16``; with its default
+``autocast_adapter_dtype=True`` LoRA / (IA)^3 adapters of a bf16 model are fp32, and prompt /
+prefix encoders (which peft does not cast) are created fp32.  ``ActivationTrace.adapter_dtype``
+reports it.  The forward is the PeftModel's, with the same fake ``input_ids`` / ``labels``:
+prompt tuning prepends p virtual embeddings and p labels of -100 (the layers, logits and loss see
+s + p positions); prefix tuning passes a ``DynamicCache`` of p key/value prefixes per layer
+(attention over p + s keys; the flash emulation keeps them un-repeated, eager / CPU SDPA get a
+[b, 1, s, p + s] mask).  Parameters, frozen or trainable, are never counted.  What changes,
+through autograd alone (an op saves an input only if the gradient of another input needs it):
+
+* a frozen linear no longer saves its input (only its weight), a frozen norm weight no longer
+  saves the normalized input, a frozen embedding no longer saves the ids;
+* nothing at all is saved before the first tensor that requires grad: with the embeddings frozen
+  the first layer's input norm saves nothing (layer 0 differs from the others), and rotary
+  cos/sin are saved only if some q or k requires grad;
+* LoRA: each adapted linear saves the input of ``lora_A`` (peft casts it to the adapter dtype: a
+  separate fp32 copy per adapter for a bf16 model; with fp32 adapters on an fp32 model, or
+  ``autocast_adapter_dtype=False``, the storage is shared with the base input) and the rank-r
+  output of ``lora_A`` for ``lora_B``; ``lora_dropout > 0`` saves its dropped output instead of
+  the cast, plus a bool mask when its input requires grad;
+* (IA)^3: an output-scaled linear saves its base output and the scaling vector, an input-scaled
+  (feed-forward) one its input cast to fp32 and the vector;
+* on a GPU run peft's ``prompt_tokens`` stay on the host and are copied per step: the prompt
+  encoder saves an int64 [b, p] (emulated in the ``gpu`` pass, see ``_prompt_tokens_on_host``).
+Checked byte for byte against real CPU runs (then a backward) for every method on llama, qwen2
+and gpt2, bf16 and fp32, SDPA and eager (tests/planner/test_peft_trace.py).
+
+MeZO (``peft={"method": "mezo"}``): peak of live bytes, not saved bytes
+---------------------------------------------------------------------
+MeZO (Malladi et al. 2023) estimates gradients from two forward passes and never runs a
+backward: what bounds its activation memory is the *peak of live tensors* during one forward with
+labels, in ``model.eval()`` (no dropout, as MeZO's ``zo_forward``) under ``torch.no_grad``.  It is
+measured with a ``TorchDispatchMode`` under FakeTensorMode (``_make_live_tracker``): every aten op
+is seen (composite functions are decomposed before the Python dispatch key, so their temporaries
+are seen too); an output whose storage is none of the op's inputs' storages is an allocation; a
+``weakref.finalize`` on its ``UntypedStorage`` -- whose Python object torch preserves exactly as
+long as the C++ StorageImpl lives, whoever holds it -- frees its bytes.  So frees happen when the
+model's Python code drops the last reference, as on a device.  Parameters and buffers are
+excluded, the inputs and labels included.  The ``gpu`` pass adds the CUDA allocations that
+differ (flash kernel's out + logsumexp, LayerNorm's fp32 mean/rstd, fp16 softmax to fp32 fused,
+no fp32 copy).  ``total_bytes`` is the peak, ``tensors`` are the storages alive at the peak and
+``peak_at`` the allocation that reached it.  Checked against ``torch.profiler``'s allocator
+events of real CPU runs (exact; a bf16 CPU GEMM's internal packing buffer shows up there too).
+Not counted: MeZO's in-place perturbation of the parameters (one parameter-sized ``z`` at a time
+with its seed trick), the cuBLAS workspace, allocator rounding/fragmentation.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ def test_every_ranked_plan_is_valid_fits_and_sorted():
     model, cluster, training = setup()
     found = search(model, cluster, training)
     assert len(found.ranked) > 10
-    times = [c.speed.step_time_s for c in found.ranked]
-    assert times == sorted(times)
+    rates = [c.speed.tokens_per_s for c in found.ranked]
+    assert rates == sorted(rates, reverse=True)
     for cand in found.ranked:
         assert cand.memory.fits
         assert not plan_problems(model, cluster, training, cand.plan)
@@ -64,7 +64,16 @@ def test_best_beats_simple_defaults():
     model, cluster, training = setup()
     best = search(model, cluster, training).ranked[0]
     zero3 = search(model, cluster, training, Pinned(dp=64, tp=1, pp=1, zero_stage=3, offload="none"))
-    assert best.speed.step_time_s <= zero3.ranked[0].speed.step_time_s
+    assert best.speed.tokens_per_s >= zero3.ranked[0].speed.tokens_per_s
+
+
+def test_without_global_batch_ranks_by_throughput():
+    """No --global-batch: plans process different batches; the best has the highest tokens/s and
+    pipelines get 4 micro-batches per stage."""
+    model, cluster, _ = setup()
+    found = search(model, cluster, TrainingSpec(seq_len=4096))
+    assert found.ranked[0].speed.tokens_per_s == max(c.speed.tokens_per_s for c in found.ranked)
+    assert all(c.plan.grad_accum == (4 * c.plan.pp if c.plan.pp > 1 else 1) for c in found.ranked)
 
 
 def test_moe_expert_parallel_with_megatron_backend():
