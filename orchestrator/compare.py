@@ -12,12 +12,20 @@ from rich.table import Table
 from orchestrator.inputs import pydantic_problem
 from orchestrator.planning import PlanResult, run_plan
 from orchestrator.render import plan_json, print_header
+from planner.errors import PlanInputError
 from planner.finetune import METHODS, FinetuneSpec, trainable_params
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.pinned import Pinned
 from planner.training import TrainingSpec
 from planner.units import GiB
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f}{unit}"
+    return str(n)
 
 
 def _specs(ft_fields: dict[str, Any]) -> list[FinetuneSpec]:
@@ -32,14 +40,20 @@ def compare_methods(
     ft_fields: dict[str, Any], backend: str, as_json: bool,
 ) -> int:
     """Exit 0 when at least one method fits."""
-    rows: list[tuple[FinetuneSpec, PlanResult]] = [
-        (ft, run_plan(model, cluster, training, pinned, top=1, backend=backend, finetune=ft))  # type: ignore[arg-type]
-        for ft in _specs(ft_fields)
-    ]
+    rows: list[tuple[FinetuneSpec, PlanResult | str]] = []
+    for ft in _specs(ft_fields):
+        try:
+            rows.append((ft, run_plan(model, cluster, training, pinned, top=1, backend=backend, finetune=ft)))  # type: ignore[arg-type]
+        except PlanInputError as exc:  # a method that cannot apply to this model (BitFit without biases)
+            rows.append((ft, exc.problem))
     if as_json:
         methods = {
-            ft.method: {"trainable_params": trainable_params(model, ft), "fits": r.best is not None,
-                        "plans": [plan_json(r.best, model, ft)] if r.best else [], "would_fit": r.suggestions}
+            ft.method: (
+                {"trainable_params": trainable_params(model, ft), "fits": False, "plans": [], "not_applicable": r}
+                if isinstance(r, str)
+                else {"trainable_params": trainable_params(model, ft), "fits": r.best is not None,
+                      "plans": [plan_json(r.best, model, ft)] if r.best else [], "would_fit": r.suggestions}
+            )
             for ft, r in rows
         }
         print(json.dumps({"model": {"name": model.name}, "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus},
@@ -50,12 +64,15 @@ def compare_methods(
         for col in ("method", "fits", "GiB/GPU", "trainable", "step s", "tokens/s", "best plan"):
             table.add_column(col, justify="left" if col in ("method", "best plan") else "right")
         for ft, r in rows:
-            n = trainable_params(model, ft)
+            n = _count(trainable_params(model, ft))
+            if isinstance(r, str):
+                table.add_row(ft.method, "n/a", "-", n, "-", "-", r)
+                continue
             if r.best is None:
-                table.add_row(ft.method, "[red]no[/]", "-", f"{n:,}", "-", "-", (r.suggestions or ["-"])[0])
+                table.add_row(ft.method, "[red]no[/]", "-", n, "-", "-", (r.suggestions or ["-"])[0])
                 continue
             b = r.best
-            table.add_row(ft.method, "[green]yes[/]", f"{b.memory.memory.total / GiB:.1f}", f"{n:,}",
+            table.add_row(ft.method, "[green]yes[/]", f"{b.memory.memory.total / GiB:.1f}", n,
                           f"{b.speed.step_time_s:.3f}", f"{b.speed.tokens_per_s:,.0f}", b.plan.describe())
         console.print(table)
-    return 0 if any(r.best is not None for _, r in rows) else 1
+    return 0 if any(not isinstance(r, str) and r.best is not None for _, r in rows) else 1

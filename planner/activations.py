@@ -129,21 +129,26 @@ def stage_activation_bytes(
 def peft_stage_activation_bytes(
     m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, ft: FinetuneSpec
 ) -> int:
-    """Activations of a parameter-efficient method (planner.activations_peft)."""
-    from planner.activations_peft import peft_layer_bytes, peft_model_bytes
+    """Activations of a parameter-efficient method or MeZO (planner.activations_peft)."""
+    from planner.activations_peft import dequant_buffer_bytes, mezo_peak_bytes, peft_layer_bytes, peft_model_bytes
 
+    last = stage == plan.pp - 1
+    if ft.method == "mezo":
+        return int(mezo_peak_bytes(m, training, plan, last_stage=last))
     n_layers = layers_per_stage(m.num_layers, plan.pp)[stage]
     in_flight = in_flight_micro_batches(plan, stage)
-    per_layer = peft_layer_bytes(m, training, plan, ft)
-    if plan.recompute == "full" and ft.method != "mezo":
-        total = layer_input_bytes(m, training, plan) * n_layers * in_flight + per_layer
-    elif ft.method == "mezo":
-        total = per_layer  # inference: one layer's transient working set at a time
+    first_layer, layer = peft_layer_bytes(m, training, plan, ft)
+    if plan.recompute == "full":
+        total = layer_input_bytes(m, training, plan) * n_layers * in_flight + layer
+    elif stage == 0:
+        total = (first_layer + (n_layers - 1) * layer) * in_flight
     else:
-        total = per_layer * n_layers * in_flight
-    first, last = peft_model_bytes(m, training, plan, ft)
+        total = n_layers * layer * in_flight
+    first, head = peft_model_bytes(m, training, plan, ft)
     if stage == 0:
-        total += first * (1 if ft.method == "mezo" else in_flight)
-    if stage == plan.pp - 1:
-        total += last
+        total += first * in_flight
+    if last:
+        total += head
+    if ft.method == "qlora":
+        total += dequant_buffer_bytes(m, training, plan)
     return int(total)

@@ -136,10 +136,11 @@ model's Python code drops the last reference, as on a device.  Parameters and bu
 excluded, the inputs and labels included.  The ``gpu`` pass adds the CUDA allocations that
 differ (flash kernel's out + logsumexp, LayerNorm's fp32 mean/rstd, fp16 softmax to fp32 fused,
 no fp32 copy).  ``total_bytes`` is the peak, ``tensors`` are the storages alive at the peak and
-``peak_at`` the allocation that reached it.  Checked against ``torch.profiler``'s allocator
-events of real CPU runs (exact; a bf16 CPU GEMM's internal packing buffer shows up there too).
-Not counted: MeZO's in-place perturbation of the parameters (one parameter-sized ``z`` at a time
-with its seed trick), the cuBLAS workspace, allocator rounding/fragmentation.
+``peak_at`` the allocation that reached it.  Checked against the allocator events of
+``torch.profiler`` in real CPU runs: equal for llama / qwen2; the only differences seen are CPU
+kernels' internal buffers (a bf16 GEMM's packing buffer), which the profiler also records.
+Not counted: the temporaries of MeZO's parameter perturbation (``z`` regenerated from a seed,
+one parameter at a time), the cuBLAS workspace, allocator rounding / fragmentation.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ class ActivationTrace:
     tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)  # GPU figure
     cpu_tensors: tuple[SavedTensor, ...] = field(default=(), repr=False)
     # Fine-tuning method (``peft=``).  For "mezo" every byte figure above is the *peak of live bytes*
-    # of a no_grad forward and ``tensors`` are the storages alive at that peak.
+    # of a no_grad forward, ``tensors`` are the storages alive at that peak, and layer_bytes /
+    # model_bytes split that peak by producer (not additive over depth: see extrapolate_layers).
     method: str = "full"
     adapter_dtype: str = ""  # dtype of the trainable parameters (LoRA/IA3 adapters: fp32 by peft's autocast)
     virtual_tokens: int = 0  # prefix / prompt tuning: p (prompt tuning runs the layers on seq_len + p)
@@ -263,10 +265,11 @@ def count_parameters(hf_config: dict[str, Any]) -> int:
 
 # --------------------------------------------------------------------------- parameter-efficient methods
 
-PeftMethod = Literal["full", "lora", "prefix", "prompt", "ia3", "bitfit", "mezo"]
 _PEFT_METHODS = ("full", "lora", "prefix", "prompt", "ia3", "bitfit", "mezo")
 # peft config class per method (task_type is always CAUSAL_LM)
-_PEFT_CONFIGS = {"lora": "LoraConfig", "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig", "ia3": "IA3Config"}
+_PEFT_CONFIGS = {
+    "lora": "LoraConfig", "prefix": "PrefixTuningConfig", "prompt": "PromptTuningConfig", "ia3": "IA3Config",
+}
 
 
 def _normalize_peft(peft: dict[str, Any] | None) -> dict[str, Any]:
@@ -308,7 +311,9 @@ def _apply_peft(model: Any, spec: dict[str, Any]) -> Any:
 
     options = {k: v for k, v in spec.items() if k != "method"}
     autocast = options.pop("autocast_adapter_dtype", True)
-    config = getattr(peft_lib, _PEFT_CONFIGS[method])(task_type="CAUSAL_LM", **options)
+    if options.setdefault("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise ValueError(f"peft task_type must be CAUSAL_LM (a causal LM is traced), got {options['task_type']!r}")
+    config = getattr(peft_lib, _PEFT_CONFIGS[method])(**options)
     with _default_dtype(torch.float32), _fake_module_to(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False" for GPT-2's Conv1D
         return peft_lib.get_peft_model(model, config, autocast_adapter_dtype=autocast)
@@ -366,6 +371,7 @@ def _prompt_tokens_on_host(model: Any) -> Iterator[None]:
 
 
 def _trainable_dtype(model: Any) -> str:
+    """dtype(s) of the parameters that train, e.g. "float32" (several joined by "/")."""
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
     return "/".join(dtypes)
 
@@ -971,9 +977,7 @@ def trace_activations(
         trainable = [p for p in model.parameters() if p.requires_grad]
         if method != "mezo" and not trainable:
             raise ValueError(f"{cfg.model_type}: no trainable parameter for peft method {method!r} (no biases?)")
-        adapter_dtype = str(tdtype if method == "mezo" else trainable[0].dtype).replace("torch.", "")
-        if len({p.dtype for p in trainable}) > 1:
-            adapter_dtype = _trainable_dtype(model)
+        adapter_dtype = str(tdtype).replace("torch.", "") if method == "mezo" else _trainable_dtype(model)
         virtual_tokens = 0
         if method in ("prefix", "prompt"):
             virtual_tokens = int(model.active_peft_config.num_virtual_tokens)

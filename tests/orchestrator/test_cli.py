@@ -112,3 +112,26 @@ def test_listings():
     assert out.returncode == 0 and "llama3.1-405b" in out.stdout and "405.853B" in out.stdout
     out = orch("clusters")
     assert out.returncode == 0 and "h100-8x8-ib" in out.stdout and "cpu-2" in out.stdout
+
+
+def test_method_all_compares_every_method():
+    out = orch("plan", "--model", "llama3.1-70b", "--gpu", "a100-80gb", "--gpus", "4", "--method", "all", "--json")
+    assert out.returncode == 0, out.stderr
+    methods = json.loads(out.stdout)["methods"]
+    assert set(methods) == {"full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3", "bitfit", "mezo"}
+    assert not methods["full"]["fits"] and methods["qlora"]["fits"] and methods["lora"]["fits"]
+    assert "no bias terms" in methods["bitfit"]["not_applicable"]
+    plan = methods["lora"]["plans"][0]
+    assert plan["method"] == "lora" and plan["trainable_params"] == methods["lora"]["trainable_params"] == 16_384_000
+
+
+def test_method_flags_and_errors():
+    out = orch("plan", "--model", "llama3.1-8b", "--gpu", "a100-80gb", "--method", "lora", "--lora-targets", "nope_proj")
+    assert out.returncode == 2 and "nope_proj" in out.stderr and "To fix" in out.stderr
+    out = orch("plan", "--model", "llama3.1-8b", "--gpu", "a100-80gb", "--method", "lora", "--lora-rank", "0")
+    assert out.returncode == 2 and "lora_rank" in out.stderr
+    out = orch("plan", "--model", "llama-65b", "--gpu", "a6000-48gb", "--method", "qlora", "--lora-rank", "64",
+               "--lora-targets", "all-linear", "--paged-optimizer", "--adapter-dtype", "bf16", "--recompute", "full",
+               "--micro-batch", "4", "--seq-len", "528", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["plans"][0]["fits"]
