@@ -18,7 +18,6 @@ from planner.finetune import FinetuneSpec
 from planner.model import ModelSpec
 from planner.params import layers_per_stage
 from planner.training import ParallelPlan, TrainingSpec
-from planner.units import DTYPE_BYTES
 
 
 def activation_dtype_bytes(training: TrainingSpec) -> int:

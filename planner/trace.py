@@ -939,7 +939,6 @@ def trace_activations(
     ``layer_bytes`` attributes each storage to the layer that produced it (so a post-norm
     model's layer output, saved by the next layer, counts in the producing layer).
     """
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if attention not in ("flash", "eager"):

@@ -6,7 +6,6 @@ Run: PYTHONPATH=/work/main /work/main/.venv/bin/python -m pytest tests/planner/t
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import pytest
 
@@ -15,6 +14,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from planner import trace as T  # noqa: E402
+from tests.planner.realrun import saved_bytes_of_forward  # noqa: E402
 
 # Small configs, every dimension distinct where possible so that a wrong term cannot cancel out.
 LLAMA = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -186,31 +186,8 @@ def real_cpu_saved_bytes(hf_config: dict, *, seq_len: int, micro_batch: int, att
                "ia3": peft.IA3Config}[spec["method"]]
         model = peft.get_peft_model(model, cls(task_type="CAUSAL_LM", **options))
     model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    sizes: dict[int, int] = {}
-    refs: dict[int, list] = {}
-
-    class Box:
-        __slots__ = ("t", "__weakref__")
-
-        def __init__(self, t):
-            self.t = t
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() in params:
-            return t
-        box = Box(t)
-        sizes.setdefault(st.data_ptr(), st.nbytes())
-        refs.setdefault(st.data_ptr(), []).append(weakref.ref(box))
-        return box
-
-    ids = torch.randint(0, hf_config["vocab_size"], (micro_batch, seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p.t if isinstance(p, Box) else p):
-        loss = model(input_ids=ids, labels=ids.clone()).loss
-    alive = sum(n for key, n in sizes.items() if any(r() is not None for r in refs[key]))
-    loss.backward()
-    return alive
+    return saved_bytes_of_forward(model, vocab_size=hf_config["vocab_size"], seq_len=seq_len,
+                                  micro_batch=micro_batch, backward=True)
 
 
 REAL_CASES = [

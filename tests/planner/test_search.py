@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 
 from planner.hardware import dgx_cluster, gpu_by_name
 from planner.pinned import Pinned
 from planner.presets import preset
 from planner.search import search
-from planner.speed import step_time
 from planner.training import TrainingSpec
 from planner.validate import plan_problems
 

@@ -9,7 +9,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from planner import trace as T  # noqa: E402
+from tests.planner.realrun import saved_bytes_of_forward  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,31 +112,7 @@ def real_cpu_saved_bytes(hf_config: dict, *, seq_len: int, micro_batch: int, att
         impl = "sdpa" if attention == "flash" else "eager"
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=tdtype)
         model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        sizes: dict[int, int] = {}
-        refs: dict[int, list] = {}
-
-        class Box:
-            __slots__ = ("t", "__weakref__")
-
-            def __init__(self, t):
-                self.t = t
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() in params:
-                return t
-            box = Box(t)
-            sizes.setdefault(st.data_ptr(), st.nbytes())
-            refs.setdefault(st.data_ptr(), []).append(weakref.ref(box))
-            return box
-
-        ids = torch.randint(0, hf_config["vocab_size"], (micro_batch, seq_len))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p.t if isinstance(p, Box) else p):
-            loss = model(input_ids=ids, labels=ids.clone()).loss
-        alive = sum(n for key, n in sizes.items() if any(r() is not None for r in refs[key]))
-        del loss
-        return alive
+        return saved_bytes_of_forward(model, vocab_size=hf_config["vocab_size"], seq_len=seq_len, micro_batch=micro_batch)
     finally:
         torch.set_default_dtype(old)
 
