@@ -65,7 +65,8 @@ def report_json(
     model: ModelSpec, cluster: ClusterSpec, plans: list[Candidate], finetune: FinetuneSpec | None = None, **extra: Any
 ) -> dict[str, Any]:
     return {
-        "model": {"name": model.name, "num_params": total_params(model)},
+        "model": {"name": model.name, "num_params": model.num_params_exact or total_params(model),
+                  "family": model.family, "structure": "approximated" if model.num_params_exact else "exact"},
         "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus, "gpu_memory_bytes": cluster.gpu.memory_bytes},
         "plans": [plan_json(c, model, finetune) for c in plans],
         **extra,
@@ -108,9 +109,14 @@ def plan_table(model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, title: str
 
 def print_header(console: Console, model: ModelSpec, cluster: ClusterSpec) -> None:
     console.print(
-        f"[bold]{model.name}[/] ({total_params(model) / 1e9:,.2f}B parameters) on [bold]{cluster.name}[/]: "
+        f"[bold]{model.name}[/] ({(model.num_params_exact or total_params(model)) / 1e9:,.2f}B parameters) on [bold]{cluster.name}[/]: "
         f"{cluster.num_gpus} x {cluster.gpu.name} ({gib(cluster.gpu.memory_bytes)} each)"
     )
+    if model.num_params_exact:
+        console.print(
+            f"[yellow]note:[/] model_type '{model.family}' has no dedicated reader: its block is approximated "
+            f"({total_params(model) / 1e9:,.2f}B in the approximation); use --trace for exact activations"
+        )
 
 
 def print_memory(console: Console, model: ModelSpec, cluster: ClusterSpec, p: PlanMemory) -> None:

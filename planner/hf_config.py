@@ -117,3 +117,54 @@ def spec_from_hf_config(cfg: dict[str, Any], *, name: str) -> ModelSpec:
             f"use a config whose model_type is one of {', '.join(SUPPORTED_FAMILIES)}",
         )
     return ModelSpec(name=name, family=family, hf_config=dict(cfg), **_READERS[family](cfg, name))
+
+
+# Attribute names other families use for the same quantities (transformers' configuration_*.py).
+_GENERIC_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv"),
+    "ffn_hidden_size": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"),
+}
+
+
+def _first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((cfg[k] for k in keys if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] > 0), None)
+
+
+def generic_spec(cfg: dict[str, Any], *, name: str, exact_params: int) -> ModelSpec:
+    """A family the planner has no reader for, approximated by the Llama-like or GPT-like block
+    whose parameter count is closest to the exact count (built by transformers on the meta device,
+    planner.trace.count_parameters). The structure is approximate; the trace is exact."""
+    fields = {k: _first(cfg, keys) for k, keys in _GENERIC_KEYS.items()}
+    for required in ("num_layers", "hidden_size", "num_heads", "vocab_size"):
+        if fields[required] is None:
+            raise PlanInputError(
+                f"{name}: cannot find '{required}' in config.json (model_type {cfg.get('model_type')!r})",
+                f"add one of {', '.join(_GENERIC_KEYS[required])}",
+            )
+    h, a = fields["hidden_size"], fields["num_heads"]
+    head_dim = cfg.get("head_dim") or h // a
+    base = dict(
+        num_layers=fields["num_layers"], hidden_size=h, num_heads=a,
+        num_kv_heads=fields["num_kv_heads"] if fields["num_kv_heads"] and a % fields["num_kv_heads"] == 0 else a,
+        head_dim=head_dim, vocab_size=fields["vocab_size"],
+        max_position_embeddings=fields["max_position_embeddings"] or 2048,
+        activation="gelu", positions="rope", tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    candidates = []
+    for gated in (True, False):
+        ffn = fields["ffn_hidden_size"] or (int(8 * h / 3) if gated else 4 * h)
+        for biases, norm in ((False, "rmsnorm"), (True, "layernorm")):
+            spec = ModelSpec(
+                name=name, family=str(cfg.get("model_type")), hf_config=dict(cfg), ffn_hidden_size=ffn, gated_mlp=gated,
+                num_params_exact=exact_params,
+                norm=norm, qkv_bias=biases, out_proj_bias=biases, mlp_bias=biases, **base,
+            )
+            candidates.append(spec)
+    from planner.params import total_params
+
+    return min(candidates, key=lambda m: abs(total_params(m) - exact_params))

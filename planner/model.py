@@ -86,6 +86,9 @@ class ModelSpec(BaseModel):
     implementation: Implementation = Field(
         default="huggingface", description="Whose kernels define the saved activations."
     )
+    num_params_exact: int | None = Field(
+        default=None, description="transformers' own count when the block structure is approximated (generic families)."
+    )
     hf_config: dict[str, Any] | None = Field(
         default=None, description="The Hugging Face config.json this spec was read from; used by the trace."
     )

@@ -135,3 +135,27 @@ def test_method_flags_and_errors():
                "--micro-batch", "4", "--seq-len", "528", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["plans"][0]["fits"]
+
+
+def test_any_transformers_architecture(tmp_path):
+    """A family without a dedicated reader (OPT) plans with transformers' exact parameter count, and
+    --trace measures its activations exactly."""
+    cfg = {"model_type": "opt", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "ffn_dim": 1024,
+           "vocab_size": 1000, "max_position_embeddings": 512, "word_embed_proj_dim": 256}
+    path = tmp_path / "opt" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(cfg))
+    out = orch("plan", "--model", str(path), "--gpu", "a100-80gb", "--gpus", "1", "--seq-len", "256", "--tp", "1",
+               "--recompute", "none", "--trace", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    from planner.trace import count_parameters
+
+    assert report["model"]["num_params"] == count_parameters(cfg)
+    assert report["model"]["structure"] == "approximated"
+    assert "exact FakeTensor trace" in " ".join(report["notes"])
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"model_type": "nosucharch", "hidden_size": 8, "num_attention_heads": 2,
+                                 "num_hidden_layers": 1, "vocab_size": 10}))
+    out = orch("plan", "--model", str(bogus), "--gpu", "a100-80gb")
+    assert out.returncode == 2 and "transformers cannot build" in out.stderr and len(out.stderr.strip().splitlines()) == 1
