@@ -159,3 +159,29 @@ def test_any_transformers_architecture(tmp_path):
                                  "num_hidden_layers": 1, "vocab_size": 10}))
     out = orch("plan", "--model", str(bogus), "--gpu", "a100-80gb")
     assert out.returncode == 2 and "transformers cannot build" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_top_explain_tokens_and_rejections():
+    out = orch("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb", "--gpus", "64", "--global-batch", "512",
+               "--seq-len", "4096", "--top", "3", "--explain", "--tokens", "1e12")
+    assert out.returncode == 0, out.stderr
+    for needle in ("top 3 plans", "not chosen:", "does not fit", "why '", "step time", "GPU-hours", "MWh", "MFU"):
+        assert needle in out.stdout, needle
+    out = orch("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb", "--gpus", "64", "--global-batch", "512",
+               "--top", "3", "--tokens", "1e12", "--json")
+    report = json.loads(out.stdout)
+    assert len(report["plans"]) == 3 and report["rejected"]
+    best = report["plans"][0]
+    assert best["tokens_per_s"] >= report["plans"][1]["tokens_per_s"]
+    assert 0 < best["mfu"] < 1 and best["tflops_per_gpu"] > 0
+    assert report["cost"]["seconds"] == pytest.approx(1e12 / best["tokens_per_s"])
+
+
+def test_budget_recipe():
+    out = orch("plan", "--budget-flops", "5.76e23", "--gpu", "a100-80gb", "--gpus", "1024", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["compute_optimal"]["params"] == pytest.approx(70e9, rel=0.10)
+    assert report["plans"] and report["cost"]["gpu_hours"] > 0
+    out = orch("plan", "--budget-gpu-hours", "-1", "--gpu", "a100-80gb", "--gpus", "8")
+    assert out.returncode == 2 and "positive" in out.stderr
