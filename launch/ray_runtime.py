@@ -8,6 +8,8 @@ TorchTrainer (the default Train API in Ray 2.60; ``RAY_TRAIN_V2_ENABLED`` defaul
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,25 +35,23 @@ class Outcome:
     error: str | None = None
 
 
-def connect(address: str | None, workers: Workers) -> bool:
-    """Start an embedded cluster (returns True: we own it) or join ``address`` (False), then check
+def connect(address: str | None, workers: Workers) -> None:
+    """Start an embedded cluster (no address) or join ``address``, then check
     that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
 
-    owned = address is None
-    if owned:
+    if address is None:
         need = workers.num_workers * workers.cpus_per_worker
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True,
                  configure_logging=True, logging_level="WARNING")
     else:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     try:
         _preflight(ray.cluster_resources(), workers, address or "the embedded cluster")
     except PlanInputError:
-        shutdown(owned)
+        shutdown()
         raise
-    return owned
 
 
 def _preflight(resources: dict[str, float], workers: Workers, where: str) -> None:
@@ -90,17 +90,38 @@ def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int) ->
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    # fit() runs in a helper thread so that Ctrl-C reaches this (main) thread as KeyboardInterrupt;
+    # the caller then shuts Ray down, which ends the controller and every worker the driver owns.
+    # SIGTERM (a `kill`, a scheduler's stop) is handled like Ctrl-C.
+    outcome: list[Outcome] = []
+    thread = threading.Thread(target=lambda: outcome.append(_fit(trainer)), name="orch-fit", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        return Outcome("stopped", "interrupted (Ctrl-C or SIGTERM)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return outcome[0] if outcome else Outcome("failed", "the Ray Train driver thread ended without a result")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _fit(trainer) -> Outcome:  # type: ignore[no-untyped-def]
     try:
         trainer.fit()
-    except KeyboardInterrupt:
-        return Outcome("stopped", "interrupted")
-    except Exception as exc:  # Ray Train's TrainingFailedError and its kin: the job failed
+    except Exception as exc:  # Ray Train's TrainingFailedError and its kin
         return Outcome("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return Outcome("succeeded")
 
 
-def shutdown(owned: bool) -> None:
-    """Disconnect; an embedded cluster stops with its workers and actors."""
+def shutdown() -> None:
+    """Disconnect. An embedded cluster stops with its workers and actors; on an existing cluster
+    the job's controller and workers, owned by this driver, end with it."""
     import ray
 
     if ray.is_initialized():

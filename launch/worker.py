@@ -9,13 +9,16 @@ tails for its progress line and summary.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec
+from launch.synthetic import batch
 
 
 def _append(path: str | Path, record: dict[str, Any]) -> None:
@@ -66,14 +69,29 @@ def _report(engine, metrics: dict[str, Any], save: bool) -> None:  # type: ignor
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _quiet() -> None:
+    """No INFO line per report from Ray Train's worker context (a module logger named by its
+    file), and no torch deprecation warning per collective."""
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+    try:
+        from ray.train.v2._internal.execution import context
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # a Ray without that module: keep its logging
+        pass
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: torch.distributed (gloo or nccl) is already set up."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
     import torch
     import torch.distributed as dist
 
+    if dist.get_backend() == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
     job = JobSpec(**config)
+    _quiet()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
@@ -96,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         total = torch.zeros(())
         for micro in range(ga):
-            x = _micro_batch(job, step, micro, rank, world, mb, vocab)
+            x = batch(step * ga + micro, rank, mb, job.seq_len, vocab, seed=job.seed)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()
@@ -119,8 +137,3 @@ def train_loop(config: dict[str, Any]) -> None:
         if job.fail_at_step and step == job.fail_at_step and restarts == 0 and rank == 0:
             os._exit(1)  # test hook: a worker dies mid-run
 
-
-def _micro_batch(job: JobSpec, step: int, micro: int, rank: int, world: int, mb: int, vocab: int):  # type: ignore[no-untyped-def]
-    from launch.synthetic import batch
-
-    return batch(step * 64 + micro, rank, mb, job.seq_len, vocab, seed=job.seed)

@@ -185,6 +185,52 @@ def _write_deepspeed_config(path: Path, plan_obj, training: TrainingSpec) -> Non
 
 
 @app.command()
+def launch(
+    model: F.ModelOpt = None,
+    cluster: F.ClusterOpt = None,
+    seq_len: F.SeqLenOpt = 2048,
+    micro_batch: F.MicroBatchOpt = None,
+    global_batch: F.GlobalBatchOpt = None,
+    precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
+    dp: F.DpOpt = None,
+    tp: F.TpOpt = None,
+    pp: F.PpOpt = None,
+    zero: F.ZeroOpt = None,
+    offload: F.OffloadOpt = None,
+    steps: int = typer.Option(100, "--steps", min=1, help="Optimizer steps in total (a resumed run ends at the same count)."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (linear warm-up over 10% of steps, then cosine)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Job name (default: orch-MODEL-TIME)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Storage path of checkpoints and step records (default ~/.orch/runs)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="Save a DeepSpeed checkpoint every N steps (0: none)."),
+    max_failures: int = typer.Option(0, "--max-failures", min=-1, help="Worker-group restarts from the last checkpoint (-1: unlimited)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start an embedded local cluster)."),
+    log_jsonl: Optional[Path] = typer.Option(None, "--log-jsonl", help="Append one JSON object per step from rank 0 to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print a one-line JSON summary as the last stdout line."),
+    fail_at_step: int = typer.Option(0, "--fail-at-step", min=0, hidden=True, help="Testing: rank 0 dies once after this step."),
+) -> None:
+    """Plan a model on a cluster and train it with DeepSpeed on Ray (data parallelism, ZeRO 0-3)."""
+    from orchestrator.launching import LaunchOptions, launch as run_launch
+
+    if model is None or cluster is None:
+        raise PlanInputError("orch launch needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
+    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
+    pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
+                    offload=offload.value if offload else None)
+    opts = LaunchOptions(steps=steps, lr=lr, name=name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         max_failures=max_failures, address=address, log_jsonl=log_jsonl,
+                         fail_at_step=fail_at_step)
+    result = run_launch(load_model(model), resolve_cluster(cluster, None, None, None), training, pinned, opts)
+    if as_json:
+        print(json.dumps(result), flush=True)
+    else:
+        console.print(f"{result['name']}: {result['status']} after {result['steps']} steps, "
+                      f"loss {result['initial_loss']} -> {result['final_loss']}, restarts {result['restarts']}")
+    raise typer.Exit({"succeeded": 0, "failed": 1, "stopped": 130}[result["status"]])
+
+
+@app.command()
 def models() -> None:
     """List the model presets with their exact parameter counts."""
     table = Table(title="model presets")
