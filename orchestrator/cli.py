@@ -140,7 +140,7 @@ def plan(
     result = run_plan(model_spec, cluster_spec, training, pinned, top=top, trace=trace, backend=backend.value,
                       tokens=tokens, finetune=finetune)
     if deepspeed_config is not None and result.best is not None:
-        _write_deepspeed_config(deepspeed_config, result.best.plan, training)
+        _write_deepspeed_config(deepspeed_config, model_spec, result.best.plan, training)
     if as_json:
         extra = {"notes": result.notes, "rejected": rejections(result.search)}
         if result.cost:
@@ -175,11 +175,13 @@ def _print_result(model_spec, cluster_spec, result, explain: bool) -> None:  # t
         console.print(f"[dim]note:[/] {note}")
 
 
-def _write_deepspeed_config(path: Path, plan_obj, training: TrainingSpec) -> None:  # type: ignore[no-untyped-def]
+def _write_deepspeed_config(path: Path, model_spec, plan_obj, training: TrainingSpec) -> None:  # type: ignore[no-untyped-def]
     from launch.deepspeed_config import deepspeed_config
+    from planner.evaluate import buffers_for
 
     try:
-        path.write_text(json.dumps(deepspeed_config(plan_obj, training), indent=2) + "\n")
+        buffers = buffers_for(model_spec, plan_obj)  # the buckets the memory model counted
+        path.write_text(json.dumps(deepspeed_config(plan_obj, training, buffers=buffers), indent=2) + "\n")
     except OSError as exc:
         raise PlanInputError(f"--deepspeed-config {path}: cannot write ({exc.strerror})", "pass a writable path") from None
 
@@ -228,6 +230,35 @@ def launch(
         console.print(f"{result['name']}: {result['status']} after {result['steps']} steps, "
                       f"loss {result['initial_loss']} -> {result['final_loss']}, restarts {result['restarts']}")
     raise typer.Exit({"succeeded": 0, "failed": 1, "stopped": 130}[result["status"]])
+
+
+@app.command()
+def profile(
+    model: F.ModelOpt = None,
+    cluster: F.ClusterOpt = None,
+    seq_len: F.SeqLenOpt = 2048,
+    micro_batch: F.MicroBatchOpt = None,
+    global_batch: F.GlobalBatchOpt = None,
+    precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
+    dp: F.DpOpt = None,
+    zero: F.ZeroOpt = None,
+    steps: int = typer.Option(2, "--steps", min=1, help="Optimizer steps measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print predicted against measured bytes as JSON."),
+) -> None:
+    """Run a plan's ranks for a few steps on this machine and set measured memory against the plan."""
+    from orchestrator.profiling import print_profile, profile_plan
+
+    if model is None or cluster is None:
+        raise PlanInputError("orch profile needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
+    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
+    pinned = _build(Pinned, "plan flags", dp=dp, zero_stage=zero, micro_batch=micro_batch)
+    result = profile_plan(load_model(model), resolve_cluster(cluster, None, None, None), training, pinned, steps=steps)
+    if as_json:
+        print(json.dumps(result.as_json()))
+    else:
+        print_profile(console, result)
 
 
 @app.command()

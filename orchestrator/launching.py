@@ -18,6 +18,7 @@ from launch.deepspeed_config import deepspeed_config
 from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec, job_ds_config
 from orchestrator.planning import run_plan
 from planner.errors import PlanInputError
+from planner.evaluate import buffers_for
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.pinned import Pinned
@@ -88,7 +89,7 @@ def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts
         raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
     storage = (opts.checkpoint_dir or DEFAULT_STORAGE).expanduser().resolve()
     name = opts.name or _job_name(model)
-    ds = job_ds_config(deepspeed_config(plan, training), opts.steps, opts.lr)
+    ds = job_ds_config(deepspeed_config(plan, training, buffers=buffers_for(model, plan)), opts.steps, opts.lr)
     job = JobSpec(
         name=name, run_dir=str(storage / name), hf_config=model.hf_config, ds_config=ds, steps=opts.steps,
         seq_len=training.seq_len, seed=opts.seed, checkpoint_every=opts.checkpoint_every,

@@ -14,7 +14,7 @@ from planner.partition import partition_span
 from planner.overheads import Overheads, overhead_bytes, process_groups
 from planner.params import layers_per_stage, stage_params, stage_tensor_sizes
 from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.zero_buffers import ZeroBuffers, plan_buffers
 
 
 class MemoryBreakdown(BaseModel):
@@ -112,7 +112,7 @@ def evaluate(
 
     ``activation_bytes_override`` maps stage -> activation bytes measured by the trace."""
     overheads = overheads or cluster.overheads
-    buffers = buffers if buffers is not None else ZeroBuffers()
+    buffers = buffers if buffers is not None else buffers_for(model, plan)
     groups = process_groups(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep)
     best: PlanMemory | None = None
     for stage in _candidate_stages(model.num_layers, plan.pp):
@@ -147,6 +147,13 @@ def evaluate(
             best = result
     assert best is not None
     return best
+
+
+def buffers_for(model: ModelSpec, plan: ParallelPlan) -> ZeroBuffers:
+    """The ZeRO buffers of a plan (planner.zero_buffers.plan_buffers): what evaluate counts and what
+    the DeepSpeed config writes."""
+    largest = max(stage_params(model, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=s).total for s in {0, plan.pp - 1})
+    return plan_buffers(largest)
 
 
 def _candidate_stages(num_layers: int, pp: int) -> list[int]:

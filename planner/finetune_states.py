@@ -61,7 +61,7 @@ def finetune_states(
     grads = n * ab // (dp if z >= 2 else 1)
     optimizer = int(n * k) // (dp if z >= 1 else 1)
     if buffers is not None and z >= 1:
-        grads += min(buffers.reduce_bucket_size, n) * ab
+        grads += buffers.reduce_bucket_size * ab  # DeepSpeed allocates the whole bucket
     host = 0
     if ft.paged_optimizer:
         # Paged optimizers live in unified memory and page out to host RAM under pressure

@@ -102,7 +102,10 @@ def state_bytes(
     psi_p = psi if ideal else padded(psi, n)
     part = -(-psi_p // n)
     opt = int((MASTER_BYTES + k) * part)
-    bucket = 0 if ideal else b * min(buffers.reduce_bucket_size, psi) * (2 if buffers.overlap_comm and z < 3 else 1)
+    bucket = 0 if ideal else b * buffers.reduce_bucket_size * (2 if buffers.overlap_comm and z < 3 else 1)
+    # While a parameter's gradient is copied into the bucket and reduced, its full 16-bit gradient
+    # is alive too: the largest tensor bounds it (measured, tests/launch/test_profile.py).
+    in_flight = 0 if ideal else b * shape.largest
     span = part if ideal else shape.partition_span
     step_fp32 = 0 if ideal else (b + FP32_GRAD_BYTES) * part  # flat 16-bit partition, then its fp32 copy
     if z == 1:
@@ -110,9 +113,10 @@ def state_bytes(
         # then the bucket and the partition buffer (stage_1_and_2.py grads_in_partition).
         state = StateBytes(b * psi_p, b * psi + bucket + (0 if ideal else b * span), opt, step_fp32)
     elif z == 2:
-        state = StateBytes(b * psi_p, bucket + b * span, opt, step_fp32)
+        state = StateBytes(b * psi_p, bucket + b * span + in_flight, opt, step_fp32)
     else:
         state = _stage3(shape, b, k, part, buffers, ideal)
+        state = StateBytes(state.parameters, state.gradients + in_flight, state.optimizer, state.step_extra)
     if plan.offload != "none":
         state = _offload(state, shape, b, k, part, plan, buffers)
     return state
@@ -139,7 +143,7 @@ def _stage3(shape: ShardShape, b: int, k: float, part: int, buffers: ZeroBuffers
     assert buffers is not None
     psi = shape.psi
     gathered = min(psi, buffers.stage3_max_reuse_distance // 2 + buffers.stage3_prefetch_bucket_size)
-    bucket = b * min(buffers.reduce_bucket_size, psi)
+    bucket = b * buffers.reduce_bucket_size
     sub_group = min(buffers.sub_group_size, part)
     return StateBytes(b * part + b * gathered, b * part + bucket, opt, (b + FP32_GRAD_BYTES) * sub_group)
 

@@ -63,30 +63,33 @@ def _linear(name: str, in_f: int, out_f: int, split: TpSplit, bias: bool, expert
 
 def _mlp(m: Model, prefix: str, expert: bool = False) -> list[ParamTensor]:
     h, f = m.hidden_size, m.ffn_hidden_size
-    tensors = _linear(f"{prefix}.up", h, f, "column", m.mlp_bias, expert)
-    if m.gated_mlp:  # SwiGLU/GeGLU: a second input projection (Shazeer 2020).
+    tensors: list[ParamTensor] = []
+    if m.gated_mlp:  # SwiGLU/GeGLU: a gate projection beside the up projection (Shazeer 2020).
         tensors += _linear(f"{prefix}.gate", h, f, "column", m.mlp_bias, expert)
+    tensors += _linear(f"{prefix}.up", h, f, "column", m.mlp_bias, expert)
     tensors += _linear(f"{prefix}.down", f, h, "row", m.mlp_bias, expert)
     return tensors
 
 
 def layer_tensors(m: Model) -> list[ParamTensor]:
-    """The parameters of one transformer block."""
+    """The parameters of one transformer block, in the order the module registers them (DeepSpeed
+    flattens them in that order, which decides where ZeRO partitions cut): GPT-2's ln_1, attention,
+    ln_2, MLP; Llama-like blocks register attention, MLP, then both norms."""
     h = m.hidden_size
-    tensors = _norm(m, "attn_norm")
-    tensors += _linear("q", h, m.q_width, "column", m.qkv_bias)
-    tensors += _linear("k", h, m.kv_width, "column", m.qkv_bias)
-    tensors += _linear("v", h, m.kv_width, "column", m.qkv_bias)
-    tensors += _linear("o", m.q_width, h, "row", m.out_proj_bias)
-    tensors += _norm(m, "mlp_norm")
+    attention = _linear("q", h, m.q_width, "column", m.qkv_bias)
+    attention += _linear("k", h, m.kv_width, "column", m.qkv_bias)
+    attention += _linear("v", h, m.kv_width, "column", m.qkv_bias)
+    attention += _linear("o", m.q_width, h, "row", m.out_proj_bias)
     if m.is_moe:
         # Router: one logit per expert (Mixtral: block_sparse_moe.gate, no bias).
-        tensors.append(ParamTensor("router.weight", m.num_experts, h, "replicated"))
+        mlp = [ParamTensor("router.weight", m.num_experts, h, "replicated")]
         for e in range(m.num_experts):
-            tensors += _mlp(m, f"expert{e}", expert=True)
+            mlp += _mlp(m, f"expert{e}", expert=True)
     else:
-        tensors += _mlp(m, "mlp")
-    return tensors
+        mlp = _mlp(m, "mlp")
+    if m.norm == "layernorm" and not m.gated_mlp:  # GPT-2 block
+        return _norm(m, "attn_norm") + attention + _norm(m, "mlp_norm") + mlp
+    return attention + mlp + _norm(m, "attn_norm") + _norm(m, "mlp_norm")
 
 
 def embedding_tensors(m: Model) -> list[ParamTensor]:

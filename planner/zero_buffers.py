@@ -39,3 +39,17 @@ class ZeroBuffers(BaseModel):
         default=False, description="Stage 1/2: overlap reduction with backward (two ipg buckets). Stage 3 always overlaps."
     )
     contiguous_gradients: bool = Field(default=True, description="Copy gradients into one contiguous partition buffer.")
+
+
+def plan_buffers(stage_params_max: int, base: ZeroBuffers | None = None) -> ZeroBuffers:
+    """The buffers a plan uses. DeepSpeed allocates the whole reduce bucket whatever the model's
+    size (stage_1_and_2.py setup_buckets, stage3.py: torch.empty(reduce_bucket_size)), so a bucket
+    larger than the rank's parameters is pure waste: cap both buckets at the parameters of the
+    rank's largest pipeline stage. The memory model counts these values and the DeepSpeed config
+    writes them."""
+    base = base or ZeroBuffers()
+    cap = max(1, stage_params_max)
+    return base.model_copy(update={
+        "reduce_bucket_size": min(base.reduce_bucket_size, cap),
+        "allgather_bucket_size": min(base.allgather_bucket_size, cap),
+    })
