@@ -45,6 +45,21 @@ def _build(model_cls: type, where: str, **fields: object):  # type: ignore[no-un
         raise pydantic_problem(exc, where) from None
 
 
+def _check_zero(zero: Optional[int]) -> None:
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
+
+
+def _job_inputs(command: str, model: Optional[str], cluster: Optional[str], zero: Optional[int], seq_len: int,
+                global_batch: Optional[int], precision: F.PrecisionChoice):  # type: ignore[no-untyped-def]
+    """Model, cluster and training spec of a command that runs a job on a named cluster."""
+    if model is None or cluster is None:
+        raise PlanInputError(f"orch {command} needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
+    _check_zero(zero)
+    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
+    return load_model(model), resolve_cluster(cluster, None, None, None), training
+
+
 class BackendChoice(str, Enum):
     deepspeed = "deepspeed"
     megatron = "megatron"
@@ -111,8 +126,7 @@ def plan(
         optimizer=optimizer.value,
         attention=attention.value,
     )
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
+    _check_zero(zero)
     pinned = _build(
         Pinned,
         "plan flags",
@@ -213,17 +227,13 @@ def launch(
     """Plan a model on a cluster and train it with DeepSpeed on Ray (data parallelism, ZeRO 0-3)."""
     from orchestrator.launching import LaunchOptions, launch as run_launch
 
-    if model is None or cluster is None:
-        raise PlanInputError("orch launch needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
-    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
+    model_spec, cluster_spec, training = _job_inputs("launch", model, cluster, zero, seq_len, global_batch, precision)
     pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
                     offload=offload.value if offload else None)
     opts = LaunchOptions(steps=steps, lr=lr, name=name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          max_failures=max_failures, address=address, log_jsonl=log_jsonl,
                          fail_at_step=fail_at_step)
-    result = run_launch(load_model(model), resolve_cluster(cluster, None, None, None), training, pinned, opts)
+    result = run_launch(model_spec, cluster_spec, training, pinned, opts)
     if as_json:
         print(json.dumps(result), flush=True)
     else:
@@ -248,13 +258,9 @@ def profile(
     """Run a plan's ranks for a few steps on this machine and set measured memory against the plan."""
     from orchestrator.profiling import print_profile, profile_plan
 
-    if model is None or cluster is None:
-        raise PlanInputError("orch profile needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
-    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
+    model_spec, cluster_spec, training = _job_inputs("profile", model, cluster, zero, seq_len, global_batch, precision)
     pinned = _build(Pinned, "plan flags", dp=dp, zero_stage=zero, micro_batch=micro_batch)
-    result = profile_plan(load_model(model), resolve_cluster(cluster, None, None, None), training, pinned, steps=steps)
+    result = profile_plan(model_spec, cluster_spec, training, pinned, steps=steps)
     if as_json:
         print(json.dumps(result.as_json()))
     else:

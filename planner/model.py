@@ -22,6 +22,20 @@ Positions = Literal["learned", "rope"]
 Implementation = Literal["huggingface", "megatron"]
 
 
+def _is_moe(m: "ModelShape | ModelSpec") -> bool:
+    return m.num_experts > 0
+
+
+def _q_width(m: "ModelShape | ModelSpec") -> int:
+    """Width of the query projection, a*d."""
+    return m.num_heads * m.head_dim
+
+
+def _kv_width(m: "ModelShape | ModelSpec") -> int:
+    """Width of each of the key and value projections, k*d."""
+    return m.num_kv_heads * m.head_dim
+
+
 class ModelShape(NamedTuple):
     """The hashable structural fields of a ModelSpec (what parameter counts depend on), so that
     per-shape results can be cached during a search."""
@@ -44,17 +58,9 @@ class ModelShape(NamedTuple):
     num_experts: int
     experts_per_token: int
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    @property
-    def q_width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    is_moe = property(_is_moe)
+    q_width = property(_q_width)
+    kv_width = property(_kv_width)
 
 
 class ModelSpec(BaseModel):
@@ -115,16 +121,6 @@ class ModelSpec(BaseModel):
     def shape(self) -> ModelShape:
         return ModelShape(**{f: getattr(self, f) for f in ModelShape._fields})
 
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    @property
-    def q_width(self) -> int:
-        """Width of the query projection, a*d."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        """Width of each of the key and value projections, k*d."""
-        return self.num_kv_heads * self.head_dim
+    is_moe = property(_is_moe)
+    q_width = property(_q_width)
+    kv_width = property(_kv_width)
