@@ -22,6 +22,8 @@ class JobSpec(BaseModel):
     run_dir: str = Field(description="Directory of this run's step records and Ray Train checkpoints (storage_path/name).")
     hf_config: dict[str, Any] = Field(description="Hugging Face config of the causal LM built with random weights.")
     ds_config: dict[str, Any] = Field(description="DeepSpeed config dict (plan + schedule).")
+    plan: dict[str, Any] = Field(default_factory=dict, description="The ParallelPlan the job runs, as a dict (ParallelPlan.model_dump()).")
+    entrypoint: str | None = Field(default=None, description="'package.module:function' run by every worker; None = the built-in trainer (launch.trainer:train).")
     steps: int = Field(gt=0, description="Optimizer steps in total, across restarts.")
     seq_len: int = Field(gt=0, description="Tokens per sequence.")
     seed: int = Field(default=0, description="Seed of the weights and the synthetic tokens.")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launch.synthetic import batch
-from launch.worker import _build_model
+from launch.trainer import build_model as _build_model
 
 # ZeRO methods entered with the gradients of a bucket (or, stage 1, all of them) still alive.
 _REDUCE_METHODS = (

@@ -1,24 +1,24 @@
-"""The Ray Train worker function: builds the model, hands it to DeepSpeed with the plan's config,
-trains on synthetic tokens, checkpoints through Ray Train and resumes from its latest checkpoint.
-
-The one module that imports deepspeed, and only inside the worker function (the driver never loads
-it). Rank 0 appends one JSON record per optimizer step to the run's step file, which the driver
-tails for its progress line and summary.
+"""The Ray Train worker: ``train_loop`` is TorchTrainer's ``train_loop_per_worker``. It gives the
+job's training function (the built-in ``launch.trainer.train`` or the user's ``--entrypoint``) a
+WorkerContext backed by Ray Train: reports go to ``ray.train.report`` (checkpoints into the run's
+storage path), the latest checkpoint comes from ``ray.train.get_checkpoint``, and rank 0 appends
+one JSON record per step to the run's step file, which the driver tails for its progress line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from launch.context import WorkerContext, resolve_entrypoint
 from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec
-from launch.synthetic import batch
 
 
 def _append(path: str | Path, record: dict[str, Any]) -> None:
@@ -34,41 +34,6 @@ def _count_attempt(run_dir: Path) -> int:
     return len(marker.read_text().splitlines()) - 1
 
 
-def _build_model(hf_config: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """A randomly initialised causal LM in fp32; DeepSpeed casts it to bf16/fp16 per its config."""
-    import torch
-    import transformers
-
-    cfg = {k: v for k, v in hf_config.items() if k not in ("dtype", "torch_dtype", "architectures")}
-    config = transformers.AutoConfig.for_model(**cfg)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def _resume(engine) -> int:  # type: ignore[no-untyped-def]
-    """Load the latest Ray Train checkpoint into the engine; the step to continue from."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as path:
-        _, client_state = engine.load_checkpoint(path)
-    return int((client_state or {}).get("step", 0))
-
-
-def _report(engine, metrics: dict[str, Any], save: bool) -> None:  # type: ignore[no-untyped-def]
-    """Every rank reports each step; at checkpoint steps each rank saves its DeepSpeed shards
-    into a local directory that Ray Train merges into one checkpoint in the storage path."""
-    import ray.train
-
-    if not save:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{metrics['step']}", client_state={"step": metrics["step"]})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
 def _quiet() -> None:
     """No INFO line per report from Ray Train's worker context (a module logger named by its
     file), and no torch deprecation warning per collective."""
@@ -81,59 +46,64 @@ def _quiet() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _ray_latest() -> Iterator[str | None]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as path:
+        yield path
+
+
+def _ray_reporter(job: JobSpec, rank: int, restarts: int):  # type: ignore[no-untyped-def]
+    import ray.train
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        record = {**metrics, "restarts": restarts}
+        if rank == 0:
+            _append(Path(job.run_dir) / STEPS_FILE, record)
+            if job.log_jsonl:
+                _append(job.log_jsonl, {k: record[k] for k in STEP_KEYS if k in record})
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(record, checkpoint=checkpoint)
+        if job.fail_at_step and record.get("step") == job.fail_at_step and restarts == 0 and rank == 0:
+            os._exit(1)  # test hook: a worker dies mid-run
+
+    return report
+
+
+STEP_KEYS = ("step", "loss", "tokens", "step_time_s", "restarts")  # the --log-jsonl record
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: torch.distributed (gloo or nccl) is already set up."""
     import ray.train
-    import torch
     import torch.distributed as dist
 
     if dist.get_backend() == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-
     job = JobSpec(**config)
     _quiet()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ["LOCAL_RANK"] = str(ctx.get_local_rank())
+    rc = ray.train.get_context()
+    rank = rc.get_world_rank()
+    os.environ["LOCAL_RANK"] = str(rc.get_local_rank())
+    restarts = _count_attempt(Path(job.run_dir)) if rank == 0 else 0
+    restarts_t = _broadcast_int(restarts)
+    ctx = WorkerContext(
+        job=job, rank=rank, world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
+        restarts=restarts_t, _report=_ray_reporter(job, rank, restarts_t), _latest=_ray_latest,
+    )
+    resolve_entrypoint(job.entrypoint)(job.plan, job.ds_config, ctx)
 
-    import deepspeed
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # reuses Ray's process group
-    torch.manual_seed(job.seed)
-    model = _build_model(job.hf_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=job.ds_config)
-    start = _resume(engine)
-    run_dir = Path(job.run_dir)
-    restarts = _count_attempt(run_dir) if rank == 0 else 0
+def _broadcast_int(value: int) -> int:
+    """Rank 0's value on every rank (the restart count only rank 0 can read)."""
+    import torch
+    import torch.distributed as dist
 
-    ds = job.ds_config
-    mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    tokens_per_step = ds["train_batch_size"] * job.seq_len
-    vocab = int(job.hf_config["vocab_size"])
-    for step in range(start + 1, job.steps + 1):
-        t0 = time.perf_counter()
-        total = torch.zeros(())
-        for micro in range(ga):
-            x = batch(step * ga + micro, rank, mb, job.seq_len, vocab, seed=job.seed)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
-        mean = total / ga
-        dist.all_reduce(mean)
-        metrics = {
-            "step": step,
-            "loss": float(mean) / world,
-            "tokens": tokens_per_step,
-            "step_time_s": time.perf_counter() - t0,
-            "restarts": restarts,
-        }
-        if rank == 0:
-            _append(run_dir / STEPS_FILE, metrics)
-            if job.log_jsonl:
-                _append(job.log_jsonl, metrics)
-        save = job.checkpoint_every > 0 and (step % job.checkpoint_every == 0 or step == job.steps)
-        _report(engine, metrics, save)
-        if job.fail_at_step and step == job.fail_at_step and restarts == 0 and rank == 0:
-            os._exit(1)  # test hook: a worker dies mid-run
-
+    t = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(t, src=0)
+    return int(t.item())

@@ -42,6 +42,7 @@ class LaunchOptions:
     log_jsonl: Path | None = None
     seed: int = 0
     fail_at_step: int = 0
+    entrypoint: str | None = None  # 'package.module:function'; None = the built-in trainer
 
 
 def choose_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned) -> ParallelPlan:
@@ -92,6 +93,7 @@ def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts
     ds = job_ds_config(deepspeed_config(plan, training, buffers=buffers_for(model, plan)), opts.steps, opts.lr)
     job = JobSpec(
         name=name, run_dir=str(storage / name), hf_config=model.hf_config, ds_config=ds, steps=opts.steps,
+        plan=plan.model_dump(), entrypoint=opts.entrypoint,
         seq_len=training.seq_len, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
         log_jsonl=str(opts.log_jsonl.resolve()) if opts.log_jsonl else None, fail_at_step=opts.fail_at_step,
     )
@@ -115,11 +117,24 @@ class Progress(threading.Thread):
     def _print_new(self, seen: int) -> int:
         records = read_steps(self.path)
         for r in records[seen:]:
-            tps = r["tokens"] / r["step_time_s"] if r["step_time_s"] > 0 else 0.0
-            eta = (self.steps - r["step"]) * r["step_time_s"]
-            print(f"step {r['step']}/{self.steps}  loss {r['loss']:.4f}  {tps:,.0f} tokens/s  ETA {eta:.0f}s"
-                  + (f"  restarts {r['restarts']}" if r["restarts"] else ""), file=self.out, flush=True)
+            print(progress_line(r, self.steps), file=self.out, flush=True)
         return max(seen, len(records))
+
+
+def progress_line(r: dict[str, Any], steps: int) -> str:
+    """One step record as a progress line; an --entrypoint may report only some of the keys."""
+    parts = [f"step {r.get('step', '?')}/{steps}"]
+    if isinstance(r.get("loss"), (int, float)):
+        parts.append(f"loss {r['loss']:.4f}")
+    dt = r.get("step_time_s")
+    if isinstance(dt, (int, float)) and dt > 0:
+        if isinstance(r.get("tokens"), (int, float)):
+            parts.append(f"{r['tokens'] / dt:,.0f} tokens/s")
+        if isinstance(r.get("step"), int):
+            parts.append(f"ETA {(steps - r['step']) * dt:.0f}s")
+    if r.get("restarts"):
+        parts.append(f"restarts {r['restarts']}")
+    return "  ".join(parts)
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:
