@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ORCH := $(VENV)/bin/orch
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-deps demo test bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job: plan Llama 3.1 70B on 64 H100s (dry run), then plan and really train the debug model
+# with DeepSpeed on an embedded local Ray cluster (2 CPU workers, ZeRO-2, checkpoints).
 demo: setup
 	$(ORCH) plan --model llama3.1-70b --cluster h100-8x8-ib
+	$(ORCH) launch --model debug --cluster cpu-2 --zero 2 --seq-len 128 --steps 30 --lr 1e-3 \
+		--checkpoint-every 10 --checkpoint-dir .orch-demo --name demo-$$(date +%Y%m%d-%H%M%S)
 
-test: setup
+# Debian's prometheus (the monitoring tests run a real server); sudo only when not root.
+system-deps:
+	bash .ci/install-prometheus
+
+test: setup system-deps
 	$(VENV)/bin/pytest tests
 
 bench: setup

@@ -57,10 +57,15 @@ class WorkerContext:
 BUILTIN_ENTRYPOINT = "launch.trainer:train"
 
 
-def resolve_entrypoint(spec: str | None) -> Callable[[dict[str, Any], dict[str, Any], WorkerContext], None]:
-    """``package.module:function`` (default: the built-in trainer) as a callable; raises
-    PlanInputError naming what is wrong (the driver calls this before any worker starts, too)."""
+def resolve_entrypoint(spec: str | None, code_dir: str | None = None) -> Callable[[dict[str, Any], dict[str, Any], WorkerContext], None]:
+    """``package.module:function`` (default: the built-in trainer) as a callable, importable from
+    ``code_dir`` (the launching directory) too; raises PlanInputError naming what is wrong (the
+    driver calls this before any worker starts, too)."""
     import importlib
+    import sys
+
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)
 
     from planner.errors import PlanInputError
 

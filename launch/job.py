@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 STEPS_FILE = "orch_steps.jsonl"  # rank 0's per-step records, inside the run directory
+RANKS_FILE = "orch_ranks.jsonl"  # one line per worker start: rank, node, host, pid
 ATTEMPTS_FILE = "orch_attempts"  # one line per start of the worker group (restarts = lines - 1)
 
 
@@ -29,7 +30,19 @@ class JobSpec(BaseModel):
     seed: int = Field(default=0, description="Seed of the weights and the synthetic tokens.")
     checkpoint_every: int = Field(default=0, ge=0, description="Steps between checkpoints; 0 = none.")
     log_jsonl: str | None = Field(default=None, description="Extra file rank 0 appends one JSON object per step to.")
+    code_dir: str | None = Field(default=None, description="Directory the --entrypoint's module is imported from (the launching directory); None = installed packages only.")
+    dataset: str | None = Field(default=None, description="Local .txt/.jsonl file to train on; None = synthetic tokens.")
+    tokenizer: str | None = Field(default=None, description="Local tokenizer directory for the dataset; None = UTF-8 bytes.")
+    pretrained_dir: str | None = Field(default=None, description="Local directory of weights (save_pretrained) to start from; None = random init.")
     fail_at_step: int = Field(default=0, ge=0, description="Test hook: rank 0 dies once after this step; 0 = never.")
+    # Monitoring (launch/metrics.py): where each node serves its metrics, and the plan to measure against.
+    metrics_host: str = Field(default="127.0.0.1", description="Address each node's metrics endpoint binds to; 0.0.0.0 = every interface.")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Port of each node's metrics endpoint; 0 = an ephemeral port.")
+    planned_bytes: dict[str, int] = Field(default_factory=dict, description="Bytes per rank the plan predicts, by component (parameters, gradients, optimizer, activations, overhead); empty = unknown.")
+    planned_step_time_s: float = Field(default=0.0, ge=0, description="Step time the planner predicts, seconds; 0 = unknown.")
+    planned_mfu: float = Field(default=0.0, ge=0, description="MFU the planner predicts (fraction of peak); 0 = unknown.")
+    flops_per_step: float = Field(default=0.0, ge=0, description="Model FLOPs of one optimizer step of the whole job (no recomputation); 0 = unknown.")
+    peak_flops_per_gpu: float = Field(default=0.0, ge=0, description="Peak FLOP/s of one GPU at the training precision (the cluster's GPU spec); 0 = unknown.")
 
 
 def warmup_steps(steps: int) -> int:

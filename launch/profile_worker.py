@@ -20,24 +20,41 @@ DeepSpeed objects that own them:
   (reduce buckets, gradient partitions, the fp32 gradient copies of the step);
 - other: the rest -- the input batch, the module's buffers, gradients of activations in flight
   during the backward, loss scalars -- which the planner has no component for (counted in the peak).
+  With full recompute (``job["recompute"] == "full"``: transformers' per-layer gradient
+  checkpointing, non-reentrant) the checkpointed layers' inputs are held by torch.utils.checkpoint,
+  not saved through autograd's hooks, so they count here too, and the layer rebuilt in the
+  backward is seen in the true peak only.
 
-Snapshots: after ``deepspeed.initialize``; at the end of the forward (loss alive); at the entry of
-each ZeRO gradient reduction and at the end of the backward (the backward's peak is the largest);
-at the entry of the inner optimizer step and after the step.
+Snapshots: after ``deepspeed.initialize``; at the end of the forward (loss alive); at the entry and
+the exit of each ZeRO gradient reduction (ZeRO-1 allocates its partition buffer inside the first
+one) and at the end of the backward (the backward's peak is the largest); at the entry of the inner
+optimizer step and after the step.
+
+Allocator figures beside the tensor accounting: on GPU (``job["device"] == "cuda"``) each snapshot
+also records torch.cuda's allocated and reserved bytes, their peaks since the previous snapshot
+(``torch.cuda.reset_peak_memory_stats``) and the device memory in use (``torch.cuda.mem_get_info``:
+context, NCCL and cuBLAS buffers beside the allocator's pool); ``job["tensors"] = False`` skips the
+tensor accounting (allocator figures only: fast enough for billion-parameter models). On CPU each
+snapshot records the bytes glibc malloc holds free in its arenas (``mallinfo2().fordblks``): the CPU
+counterpart of the CUDA allocator's reserved-but-unallocated bytes.
+
+DeepSpeed is reached only through ``launch.trainer`` (the one module that imports it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
 import sys
 import weakref
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from launch import trainer
 from launch.synthetic import batch
-from launch.trainer import build_model as _build_model
 
 # ZeRO methods entered with the gradients of a bucket (or, stage 1, all of them) still alive.
 _REDUCE_METHODS = (
@@ -62,7 +79,8 @@ class _Box:
 class Meter:
     """Snapshots of live storages by component; one per phase of each step."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, cuda: bool = False, tensors: bool = True) -> None:
+        self.cuda, self.tensors = cuda, tensors
         self.engine = engine
         self.module = engine.module
         self.inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -123,6 +141,12 @@ class Meter:
         return params, opt, bufs, extra
 
     def snapshot(self, phase: str) -> None:
+        record = {"step": self.step, "phase": phase, **(_cuda_stats() if self.cuda else _malloc_stats())}
+        if self.tensors:
+            record.update(self._components())
+        self.records.append(record)
+
+    def _components(self) -> dict[str, Any]:
         params, opt, bufs, extra = self._owned()
         live = _live_storages(extra)
         acts = self._activations()
@@ -141,17 +165,54 @@ class Meter:
             else:
                 out["other"] += n
                 unowned.append(n)
-        self.records.append({"step": self.step, "phase": phase, **out, "other_storages": sorted(unowned)[::-1][:8]})
+        return {**out, "other_storages": sorted(unowned)[::-1][:8]}
 
-    def wrap(self, owner: Any, name: str, phase: str) -> None:
-        """Snapshot at each entry of ``owner.name``."""
+    def wrap(self, owner: Any, name: str, phase: str, *, on_exit: bool = False) -> None:
+        """Snapshot at each entry (and, ``on_exit``, each exit) of ``owner.name``."""
         fn: Callable[..., Any] = getattr(owner, name)
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             self.snapshot(phase)
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if on_exit:
+                self.snapshot(phase)
+            return result
 
         setattr(owner, name, wrapped)
+
+
+def _cuda_stats() -> dict[str, int]:
+    """The CUDA allocator now and at its peak since the previous snapshot, and the device memory
+    in use by every client (context, NCCL, cuBLAS and the allocator's pool)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    stats = {
+        "allocated": torch.cuda.memory_allocated(),
+        "reserved": torch.cuda.memory_reserved(),
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "device_used": total - free,
+    }
+    torch.cuda.reset_peak_memory_stats()
+    return stats
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_stats() -> dict[str, int]:
+    """Bytes glibc malloc holds free in its arenas (fordblks); empty where mallinfo2 is missing."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _MallInfo2
+    return {"malloc_free": int(fn().fordblks)}
 
 
 def _is_tensor(v: Any) -> bool:
@@ -209,44 +270,114 @@ def _live_storages(extra: list[Any]) -> dict[int, int]:
     return seen
 
 
-def profile(job: dict[str, Any]) -> dict[str, Any]:
-    import deepspeed
+def _engine(job: dict[str, Any], cuda: bool) -> Any:
+    """torch.distributed from the environment, then the plan's model in a DeepSpeed engine."""
     import torch
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    trainer.init_distributed()
     torch.manual_seed(job["seed"])
-    model = _build_model(job["hf_config"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=job["ds_config"])
-    del model
-    meter = Meter(engine)
+    model = trainer.build_model(job["hf_config"])
+    if job.get("recompute", "none") == "full":
+        # Per-layer checkpointing, as the planner's full recompute counts it (layer inputs kept).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return trainer.initialize(model, job["ds_config"], tp=job.get("tp", 1))
+
+
+def _train_step(engine: Any, meter: Meter, x: Any) -> None:
+    """One forward, backward and optimizer step, with the snapshots between them."""
+    import torch
+
+    meter.inputs, meter.saved = {_ptr(x)}, {}
+    hooks = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack) if meter.tensors else nullcontext()
+    with hooks:
+        loss = engine(input_ids=x, labels=x).loss
+    meter.snapshot("forward")
+    engine.backward(loss)
+    del loss
+    meter.snapshot("backward")
+    engine.step()
+    meter.snapshot("step")
+
+
+@contextmanager
+def _cpu_peak(meter: Meter) -> Iterator[dict[str, int]]:
+    """The true peak of tensor storages over a step on CPU, transients between snapshots included
+    (the CPU counterpart of torch.cuda.max_memory_allocated): the exact live bytes of the last
+    snapshot, plus the highest running sum of the CPU allocator's allocations and frees that
+    torch.profiler reports (``profile_memory=True``; c10's ProfiledCPUMemoryReporter). A storage
+    allocated before the step and freed during it is not reported, which can only raise the figure."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    last = meter.records[-1]
+    base = sum(int(last.get(k, 0)) for k in COMPONENTS)
+    out: dict[str, int] = {}
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = highest = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        highest = max(highest, running)
+    out["peak_allocated"] = base + highest
+
+
+def _measure(job: dict[str, Any], cuda: bool, records: list[dict[str, Any]]) -> Any:
+    """Build the engine and train ``job["steps"]`` steps, appending every snapshot to ``records``;
+    the engine."""
+    import torch.distributed as dist
+
+    engine = _engine(job, cuda)
+    meter = Meter(engine, cuda=cuda, tensors=job.get("tensors", True))
+    meter.records = records
     meter.snapshot("init")
     for name in _REDUCE_METHODS:
         if hasattr(engine.optimizer, name):
-            meter.wrap(engine.optimizer, name, "backward")
+            meter.wrap(engine.optimizer, name, "backward", on_exit=True)
     meter.wrap(meter.inner, "step", "step")
     mb, seq, vocab = job["micro_batch"], job["seq_len"], int(job["hf_config"]["vocab_size"])
     for step in range(job["steps"]):
         meter.step = step
-        x = batch(step, rank, mb, seq, vocab, seed=job["seed"])
-        meter.inputs, meter.saved = {_ptr(x)}, {}
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            loss = engine(input_ids=x, labels=x).loss
-        meter.snapshot("forward")
-        engine.backward(loss)
-        del loss
-        meter.snapshot("backward")
-        engine.step()
-        meter.snapshot("step")
-    return {"rank": rank, "world": dist.get_world_size(), "optimizer_class": type(engine.optimizer).__name__,
-            "records": meter.records}
+        dp_rank = dist.get_rank() // job.get("tp", 1)  # AutoTP groups are consecutive ranks; they share a batch
+        x = batch(step, dp_rank, mb, seq, vocab, seed=job["seed"]).to(engine.device)
+        if cuda or not meter.tensors:
+            _train_step(engine, meter, x)
+            continue
+        with _cpu_peak(meter) as peak:
+            _train_step(engine, meter, x)
+        records.append({"step": step, "phase": "peak", **peak})
+    return engine
+
+
+def profile(job: dict[str, Any]) -> dict[str, Any]:
+    """This rank's snapshots; on GPU a run out of memory ends with an 'oom' record (the allocator's
+    peaks up to the failed allocation) instead of an error."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = job.get("device", "cpu") == "cuda"
+    out_of_memory = (getattr(torch, "OutOfMemoryError", MemoryError),) if cuda else ()
+    records: list[dict[str, Any]] = []
+    try:
+        engine = _measure(job, cuda, records)
+        optimizer, oom = type(engine.optimizer).__name__, False
+    except out_of_memory:
+        records.append({"step": -1, "phase": "oom", **_cuda_stats()})
+        optimizer, oom = "", True
+    result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "optimizer_class": optimizer, "oom": oom,
+              "device_name": torch.cuda.get_device_name() if cuda else "cpu", "records": records}
+    dist.destroy_process_group()
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(args[0]).read_text())
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    if job.get("device", "cpu") == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
     result = profile(job)
     Path(args[1]).write_text(json.dumps(result))
 

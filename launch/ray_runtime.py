@@ -11,22 +11,14 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from launch.job import JobSpec
+from launch.placement import NodeGpu, Workers, check_gpus
 from planner.errors import PlanInputError
 
 Status = Literal["succeeded", "failed", "stopped"]
-
-
-@dataclass(frozen=True)
-class Workers:
-    """The Ray Train worker group of a plan: one worker per rank."""
-
-    num_workers: int
-    use_gpu: bool
-    backend: Literal["gloo", "nccl"]
-    cpus_per_worker: int = 1
 
 
 @dataclass
@@ -43,12 +35,19 @@ def connect(address: str | None, workers: Workers) -> None:
 
     if address is None:
         need = workers.num_workers * workers.cpus_per_worker
-        ray.init(num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True,
+        # No dashboard: an embedded cluster needs no Jobs API, and the default port (8265) stays
+        # free for a persistent head that detached jobs are submitted to.
+        # address="local": always a new cluster, never a `ray start` head this machine may run
+        # (ray.init() without an address joins /tmp/ray/ray_current_cluster when it exists).
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True, include_dashboard=False,
                  configure_logging=True, logging_level="WARNING")
     else:
         ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     try:
-        _preflight(ray.cluster_resources(), workers, address or "the embedded cluster")
+        where = address or "the embedded cluster"
+        _preflight(ray.cluster_resources(), workers, where)
+        if workers.use_gpu:
+            check_gpus(workers, _node_gpus(), where)
     except PlanInputError:
         shutdown()
         raise
@@ -68,6 +67,23 @@ def _preflight(resources: dict[str, float], workers: Workers, where: str) -> Non
         )
 
 
+def _node_gpus() -> list[NodeGpu]:
+    """What NVML reports on every alive node with GPUs: one zero-CPU task pinned to each node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def probe() -> list[tuple[str, int, int]]:
+        from launch.gpu import gpu_inventory
+
+        return [(g.name, g.memory_total_bytes, g.memory_free_bytes) for g in gpu_inventory()]
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote() for node in nodes]
+    return [NodeGpu(node=node[:8], name=name, memory_total_bytes=total, memory_free_bytes=free)
+            for node, found in zip(nodes, ray.get(refs, timeout=120)) for name, total, free in found]
+
+
 def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int) -> Outcome:
     """Run the job to the end with Ray Train; Ctrl-C gives 'stopped', a worker group that failed
     more than ``max_failures`` times gives 'failed'."""
@@ -80,7 +96,7 @@ def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int) ->
         train_loop,
         train_loop_config=job.model_dump(),
         scaling_config=ScalingConfig(
-            num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+            num_workers=workers.num_workers, use_gpu=workers.use_gpu, placement_strategy=workers.placement_strategy,
             resources_per_worker={"CPU": workers.cpus_per_worker, **({"GPU": 1} if workers.use_gpu else {})},
         ),
         torch_config=TorchConfig(backend=workers.backend),
@@ -126,3 +142,135 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# --- Ray Jobs API: detached jobs ---------------------------------------------------------------
+
+# orch's persistent local head for detached jobs listens on its own ports, not Ray's defaults
+# (6379/8265), which any `ray.init()` in a notebook on the same machine may hold.
+LOCAL_HEAD_PORT = 6390
+LOCAL_DASHBOARD_PORT = 8275
+LOCAL_DASHBOARD = f"http://127.0.0.1:{LOCAL_DASHBOARD_PORT}"
+
+
+def jobs_address(address: str | None) -> str:
+    """The Jobs API address of a Ray cluster: 'ray://host:10001' or 'host:6379' name the head,
+    whose dashboard listens on 8265; an http(s) address is used as it is."""
+    if address is None or address == "auto":
+        return LOCAL_DASHBOARD
+    if address.startswith(("http://", "https://")):
+        return address
+    host = address.removeprefix("ray://").rsplit(":", 1)[0]
+    return f"http://{host}:8265"
+
+
+def _use_token_auth() -> None:
+    """Ray 2.5x+ turns token authentication on for clusters it starts and keeps the token in
+    ~/.ray/auth_token, but the Jobs API client only sends it when RAY_AUTH_MODE=token
+    (ray/_private/authentication/authentication_token_setup.py): say so when a token exists and
+    the user has not chosen a mode."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (token.exists() or "RAY_AUTH_TOKEN" in os.environ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _client(dashboard: str):  # type: ignore[no-untyped-def]
+    _use_token_auth()  # before ray is imported: its C++ layer reads the mode once
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(dashboard)
+    except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: all one line
+        raise PlanInputError(f"no Ray Jobs API at {dashboard} ({str(exc).splitlines()[0][:160]})",
+                             "start the cluster ('ray start --head') or pass --address of a running one") from None
+
+
+def ensure_local_head(num_cpus: int) -> str:
+    """A persistent local Ray head for detached jobs (an embedded cluster would die with this
+    process): reuse the running one, or start one with `ray start --head` on loopback, on orch's
+    own ports. Returns the Jobs API address. `ray stop` ends it."""
+    import shutil
+    import subprocess
+    import sys
+
+    try:
+        _client(LOCAL_DASHBOARD).list_jobs()
+        return LOCAL_DASHBOARD
+    except PlanInputError:
+        pass
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--head", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
+           f"--port={LOCAL_HEAD_PORT}", "--dashboard-host=127.0.0.1", f"--dashboard-port={LOCAL_DASHBOARD_PORT}",
+           "--include-dashboard=true", "--disable-usage-stats"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise PlanInputError(f"could not start a local Ray head ({last[0][:200]})",
+                             "run 'ray start --head' yourself and pass --address, or launch without --detach")
+    return LOCAL_DASHBOARD
+
+
+def submit(dashboard: str, name: str, entrypoint: str, env: dict[str, str]) -> str:
+    """Submit a driver command as a Ray job named ``name``; its submission id."""
+    client = _client(dashboard)
+    try:
+        return client.submit_job(entrypoint=entrypoint, submission_id=name,
+                                 runtime_env={"env_vars": env}, metadata={"orch": "1"})
+    except RuntimeError as exc:
+        raise PlanInputError(f"the Ray Jobs API at {dashboard} refused job '{name}' ({str(exc).splitlines()[0][:200]})",
+                             "pick another --name, or check the cluster with 'ray status'") from None
+
+
+def job_status(dashboard: str, name: str) -> str:
+    """PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED (Ray's JobStatus), or UNKNOWN when the
+    cluster no longer knows the job (a restarted head)."""
+    try:
+        return str(_client(dashboard).get_job_status(name).value)
+    except PlanInputError:
+        raise
+    except RuntimeError:
+        return "UNKNOWN"
+
+
+def job_logs(dashboard: str, name: str) -> str:
+    return _client(dashboard).get_job_logs(name)
+
+
+def follow_logs(dashboard: str, name: str):  # type: ignore[no-untyped-def]
+    """Yield the job's log as it is written, until the job ends."""
+    import asyncio
+
+    client = _client(dashboard)
+
+    async def chunks(queue: list[str]) -> None:
+        async for chunk in client.tail_job_logs(name):
+            queue.append(chunk)
+
+    loop = asyncio.new_event_loop()
+    queue: list[str] = []
+    task = loop.create_task(chunks(queue))
+    try:
+        while not task.done():
+            loop.run_until_complete(asyncio.wait([task], timeout=0.5))
+            while queue:
+                yield queue.pop(0)
+        while queue:
+            yield queue.pop(0)
+    finally:
+        task.cancel()
+        loop.close()
+
+
+def stop_job(dashboard: str, name: str, timeout_s: float = 120.0) -> str:
+    """Ask Ray to stop the job (SIGTERM to its driver, which ends its workers) and wait until it
+    is terminal; the final status."""
+    import time
+
+    client = _client(dashboard)
+    client.stop_job(name)
+    deadline = time.monotonic() + timeout_s
+    status = job_status(dashboard, name)
+    while status in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = job_status(dashboard, name)
+    return status

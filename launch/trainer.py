@@ -2,6 +2,13 @@
 train, checkpoint, resume. The one module that imports deepspeed (inside functions: the driver
 never loads it).
 
+Data parallelism (ZeRO 0-3) and tensor parallelism (DeepSpeed AutoTP, ``tp > 1``) train the
+Hugging Face model through the plain engine; pipeline parallelism (``pp > 1``) trains it cut into
+layers (launch/pipeline_model.py) through DeepSpeed's PipelineModule and PipelineEngine (ZeRO 0-1).
+AutoTP and the pipeline do not combine: AutoTP builds its (data, tensor) groups over the whole
+world, across pipeline stages (deepspeed/runtime/engine.py ``_configure_tensor_parallel_states``),
+so the launcher refuses ``tp > 1`` with ``pp > 1`` (orchestrator/launching.py ``choose_plan``).
+
 It has the signature of any ``--entrypoint``: ``train(plan, ds_config, ctx)`` (launch/context.py).
 """
 
@@ -11,15 +18,29 @@ import tempfile
 import time
 from typing import Any
 
+from launch import data, synthetic
 from launch.context import WorkerContext
-from launch.synthetic import batch
+from launch.job import JobSpec
 
 
-def build_model(hf_config: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """A randomly initialised causal LM in fp32; DeepSpeed casts it to bf16/fp16 per its config."""
+def batch_source(job: JobSpec):  # type: ignore[no-untyped-def]
+    """``fn(index, dp_rank, micro_batch) -> (micro_batch, seq_len) token ids``: windows of the
+    job's dataset, or synthetic tokens; deterministic in (seed, index, dp_rank)."""
+    if job.dataset is None:
+        vocab = int(job.hf_config["vocab_size"])
+        return lambda i, r, mb: synthetic.batch(i, r, mb, job.seq_len, vocab, seed=job.seed)
+    tokens = data.load_tokens(job.dataset, job.tokenizer)
+    return lambda i, r, mb: data.window_batch(tokens, i, r, mb, job.seq_len, seed=job.seed)
+
+
+def build_model(hf_config: dict[str, Any], pretrained_dir: str | None = None):  # type: ignore[no-untyped-def]
+    """A causal LM in fp32, randomly initialised or loaded from a local save_pretrained directory;
+    DeepSpeed casts it to bf16/fp16 per its config."""
     import torch
     import transformers
 
+    if pretrained_dir is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=torch.float32, local_files_only=True)
     cfg = {k: v for k, v in hf_config.items() if k not in ("dtype", "torch_dtype", "architectures")}
     config = transformers.AutoConfig.for_model(**cfg)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -34,11 +55,62 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
-def initialize(model, ds_config: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """``deepspeed.initialize`` with the plan's config; the engine."""
+def initialize(model, ds_config: dict[str, Any], tp: int = 1):  # type: ignore[no-untyped-def]
+    """``deepspeed.initialize`` with the plan's config; the engine. With ``tp > 1`` DeepSpeed's
+    AutoTP shards the model's linear layers over groups of ``tp`` consecutive ranks at
+    initialisation (``tensor_parallel.autotp_size`` in the config)."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    mpu = _tensor_parallel_groups(tp) if tp > 1 else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, mpu=mpu)
+    return engine
+
+
+def _tensor_parallel_groups(tp: int):  # type: ignore[no-untyped-def]
+    """DeepSpeed's own (data, tensor) process groups, made before ``deepspeed.initialize``.
+
+    The engine makes the same groups itself when AutoTP is on (deepspeed/runtime/engine.py
+    ``_configure_tensor_parallel_states`` calls ``groups._init_tp_mesh_device``, which returns at
+    once if they exist), but only after ``DeepSpeedConfig`` has checked ``train_batch_size``
+    against the world size (deepspeed/__init__.py ``initialize``; deepspeed/runtime/config.py
+    ``_batch_assertion``): without an mpu it counts every rank, tensor-parallel ones included.
+    Handing the groups in as the mpu makes it count the data-parallel ranks only, as our
+    config's ``train_batch_size`` (launch/deepspeed_config.py) does."""
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    return groups
+
+
+def initialize_pipeline(model, stages: int, ds_config: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The model cut into ``launch.pipeline_model`` layers, split over ``stages`` pipeline stages
+    by DeepSpeed's PipelineModule (balanced by parameter count), and its PipelineEngine."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from launch import pipeline_model
+
+    module = PipelineModule(
+        layers=pipeline_model.pipeline_layers(model),
+        num_stages=stages,
+        loss_fn=pipeline_model.CausalLMLoss(model),
+        partition_method=ds_config.get("pipeline", {}).get("partition", "parameters"),
+        # With activation checkpointing (the config's pipeline.activation_checkpoint_interval,
+        # applied by deepspeed/runtime/pipe/engine.py) checkpoint decoder layers only: reentrant
+        # checkpointing of the embedding, whose input (token ids) needs no gradient, would cut
+        # the graph (deepspeed/runtime/pipe/module.py ``_is_checkpointable``).
+        checkpointable_layers=[pipeline_model.DecoderLayer.__name__],
+    )
+    # Gradient clipping without ZeRO (fp32) sums each parameter's norm over the model-parallel
+    # group only where that rank is 0 or the parameter is marked model-parallel
+    # (deepspeed/runtime/utils.py ``clip_grad_norm_``); a pipeline's model-parallel rank is its
+    # stage, so later stages' gradients would be left out of the global norm. Each stage holds
+    # its own parameters, so every one of them counts. The mark changes nothing else here: the
+    # other norms test the tensor-parallel rank, which is 0 in these pipelines
+    # (deepspeed/runtime/bf16_optimizer.py, zero/stage_1_and_2.py).
+    for param in module.parameters():
+        param.model_parallel = True
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()), config=ds_config)
     return engine
 
 
@@ -58,40 +130,89 @@ def _report(engine, ctx: WorkerContext, metrics: dict[str, Any], save: bool) -> 
         ctx.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
+        started = time.perf_counter()
         engine.save_checkpoint(tmp, tag=f"step{metrics['step']}", client_state={"step": metrics["step"]})
-        ctx.report(metrics, tmp)
+        ctx.report({**metrics, "checkpoint_time_s": time.perf_counter() - started}, tmp)
+
+
+def _grad_norm(engine) -> float | None:  # type: ignore[no-untyped-def]
+    """DeepSpeed's global gradient norm of the last step (a float or a tensor; None before one)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _data_parallel_rank(engine) -> int:  # type: ignore[no-untyped-def]
+    """This rank's index in its data-parallel group, which selects its batches: tensor-parallel
+    ranks of one group, and the stages of one pipeline, see the same data (AutoTP checks this on
+    its first forward, deepspeed/runtime/engine.py ``check_dataloader_inputs_same_across_ranks``)."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group=engine.data_parallel_group)
+
+
+def _train_step(engine, micro_batches) -> float:  # type: ignore[no-untyped-def]
+    """One optimizer step of the plain (data- and tensor-parallel) engine; the loss averaged over
+    the micro-batches and the data-parallel group. ``engine.step()`` after each micro-batch
+    steps the optimizer at the accumulation boundary only."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.zeros(())
+    for x in micro_batches:
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    mean = total / len(micro_batches)
+    dist.all_reduce(mean, group=engine.data_parallel_group)
+    return float(mean) / engine.dp_world_size
+
+
+def _pipeline_step(engine, micro_batches) -> float:  # type: ignore[no-untyped-def]
+    """One optimizer step of the pipeline engine: it feeds inputs to the first stage and labels to
+    the last (other stages ignore the iterator) and returns the loss averaged over the
+    micro-batches and the data-parallel group, on every stage (deepspeed/runtime/pipe/engine.py
+    ``train_batch``, ``_aggregate_total_loss``)."""
+    return float(engine.train_batch(iter([(x, x) for x in micro_batches])))
+
+
+def _engine(model, plan: dict[str, Any], ds_config: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The engine of the plan's dimensions and its step function."""
+    if int(plan.get("pp", 1)) > 1:
+        return initialize_pipeline(model, int(plan["pp"]), ds_config), _pipeline_step
+    if plan.get("recompute", "none") != "none":
+        # Full recompute: keep each decoder layer's input and recompute the layer in backward,
+        # transformers' gradient checkpointing (modeling_utils.py ``gradient_checkpointing_enable``;
+        # the non-reentrant torch.utils.checkpoint, which needs no input that requires grad).
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return initialize(model, ds_config, tp=int(plan.get("tp", 1))), _train_step
 
 
 def train(plan: dict[str, Any], ds_config: dict[str, Any], ctx: WorkerContext) -> None:
     """Train ``ctx.job``'s model for ``ctx.job.steps`` optimizer steps in total (across restarts)."""
     import torch
-    import torch.distributed as dist
 
     job = ctx.job
     init_distributed()
     torch.manual_seed(job.seed)
-    engine = initialize(build_model(job.hf_config), ds_config)
+    engine, step_fn = _engine(build_model(job.hf_config, job.pretrained_dir), plan, ds_config)
+    batch, data_rank = batch_source(job), _data_parallel_rank(engine)
     start = _resume(engine, ctx)
     mb, ga = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     tokens_per_step = ds_config["train_batch_size"] * job.seq_len
-    vocab = int(job.hf_config["vocab_size"])
     for step in range(start + 1, job.steps + 1):
         t0 = time.perf_counter()
-        total = torch.zeros(())
-        for micro in range(ga):
-            x = batch(step * ga + micro, ctx.rank, mb, job.seq_len, vocab, seed=job.seed)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
-        mean = total / ga
-        dist.all_reduce(mean)
+        loss = step_fn(engine, [batch(step * ga + micro, data_rank, mb) for micro in range(ga)])
         metrics = {
             "step": step,
-            "loss": float(mean) / ctx.world_size,
+            "loss": loss,
             "tokens": tokens_per_step,
             "step_time_s": time.perf_counter() - t0,
             "lr": float(engine.get_lr()[0]),
+            "grad_norm": _grad_norm(engine),
         }
         save = job.checkpoint_every > 0 and (step % job.checkpoint_every == 0 or step == job.steps)
         _report(engine, ctx, metrics, save)

@@ -3,6 +3,7 @@ job's training function (the built-in ``launch.trainer.train`` or the user's ``-
 WorkerContext backed by Ray Train: reports go to ``ray.train.report`` (checkpoints into the run's
 storage path), the latest checkpoint comes from ``ray.train.get_checkpoint``, and rank 0 appends
 one JSON record per step to the run's step file, which the driver tails for its progress line.
+Every report also passes through this rank's metrics observer (launch/metrics.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.context import WorkerContext, resolve_entrypoint
-from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec
+from launch.job import ATTEMPTS_FILE, RANKS_FILE, STEPS_FILE, JobSpec
 
 
 def _append(path: str | Path, record: dict[str, Any]) -> None:
@@ -58,7 +60,8 @@ def _ray_latest() -> Iterator[str | None]:
         yield path
 
 
-def _ray_reporter(job: JobSpec, rank: int, restarts: int):  # type: ignore[no-untyped-def]
+def _ray_reporter(job: JobSpec, rank: int, restarts: int, observe=None):  # type: ignore[no-untyped-def]
+    """``observe(record, persist_s)``: the metrics hook (launch/metrics.py), every rank, every step."""
     import ray.train
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -68,7 +71,10 @@ def _ray_reporter(job: JobSpec, rank: int, restarts: int):  # type: ignore[no-un
             if job.log_jsonl:
                 _append(job.log_jsonl, {k: record[k] for k in STEP_KEYS if k in record})
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        started = time.perf_counter()
         ray.train.report(record, checkpoint=checkpoint)
+        if observe is not None:
+            observe(record, time.perf_counter() - started if checkpoint else None)
         if job.fail_at_step and record.get("step") == job.fail_at_step and restarts == 0 and rank == 0:
             os._exit(1)  # test hook: a worker dies mid-run
 
@@ -80,6 +86,7 @@ STEP_KEYS = ("step", "loss", "tokens", "step_time_s", "restarts")  # the --log-j
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: torch.distributed (gloo or nccl) is already set up."""
+    import ray
     import ray.train
     import torch.distributed as dist
 
@@ -92,11 +99,38 @@ def train_loop(config: dict[str, Any]) -> None:
     os.environ["LOCAL_RANK"] = str(rc.get_local_rank())
     restarts = _count_attempt(Path(job.run_dir)) if rank == 0 else 0
     restarts_t = _broadcast_int(restarts)
+    _append(Path(job.run_dir) / RANKS_FILE, {
+        "rank": rank, "local_rank": rc.get_local_rank(), "node_rank": rc.get_node_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+        "pid": os.getpid(), "restarts": restarts_t,
+    })
+    watch = _start_metrics(job, restarts_t)
     ctx = WorkerContext(
         job=job, rank=rank, world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
-        restarts=restarts_t, _report=_ray_reporter(job, rank, restarts_t), _latest=_ray_latest,
+        restarts=restarts_t, _report=_ray_reporter(job, rank, restarts_t, watch.observe), _latest=_ray_latest,
     )
-    resolve_entrypoint(job.entrypoint)(job.plan, job.ds_config, ctx)
+    state = "failed"
+    try:
+        resolve_entrypoint(job.entrypoint, job.code_dir)(job.plan, job.ds_config, ctx)
+        state = "succeeded"
+    finally:
+        watch.close(state)
+
+
+def _start_metrics(job: JobSpec, restarts: int):  # type: ignore[no-untyped-def]
+    """This rank's metrics observer and endpoint (launch/metrics.py), on its own GPU under nccl."""
+    import ray.train
+    import ray.train.torch
+    import ray.util
+    import torch.distributed as dist
+
+    from launch.metrics import start_worker_metrics
+
+    rc = ray.train.get_context()
+    cuda = (ray.train.torch.get_device().index or 0) if dist.get_backend() == "nccl" else None
+    return start_worker_metrics(job, rank=rc.get_world_rank(), local_rank=rc.get_local_rank(), node_rank=rc.get_node_rank(),
+                                world_size=rc.get_world_size(), restarts=restarts, cuda_device=cuda,
+                                node_ip=ray.util.get_node_ip_address())
 
 
 def _broadcast_int(value: int) -> int:

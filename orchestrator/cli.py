@@ -6,7 +6,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from pydantic import ValidationError
@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import flags as F
-from orchestrator.inputs import cluster_preset_paths, load_cluster, load_model, pydantic_problem, resolve_cluster
+from orchestrator.inputs import (
+    cluster_preset_paths, load_cluster, load_measurements, load_model, pydantic_problem, resolve_cluster, with_calibration,
+)
 from orchestrator.render import (
     cost_json, gib, print_cost, print_explain, print_header, print_memory, print_rejections, print_speed, print_top,
     rejections, report_json,
@@ -51,13 +53,16 @@ def _check_zero(zero: Optional[int]) -> None:
 
 
 def _job_inputs(command: str, model: Optional[str], cluster: Optional[str], zero: Optional[int], seq_len: int,
-                global_batch: Optional[int], precision: F.PrecisionChoice):  # type: ignore[no-untyped-def]
-    """Model, cluster and training spec of a command that runs a job on a named cluster."""
+                global_batch: Optional[int], precision: F.PrecisionChoice, calibration: Optional[Path] = None,
+                **training_fields: object):  # type: ignore[no-untyped-def]
+    """Model, cluster (calibrated when a calibration is given) and training spec of a command that
+    runs a job on a named cluster."""
     if model is None or cluster is None:
         raise PlanInputError(f"orch {command} needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
     _check_zero(zero)
-    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0, precision=precision.value)
-    return load_model(model), resolve_cluster(cluster, None, None, None), training
+    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0,
+                      precision=precision.value, **training_fields)
+    return load_model(model), with_calibration(resolve_cluster(cluster, None, None, None), calibration), training
 
 
 class BackendChoice(str, Enum):
@@ -109,6 +114,7 @@ def plan(
     prefix_length: F.PrefixOpt = 30,
     num_virtual_tokens: F.VirtualTokensOpt = 20,
     ia3_targets: F.Ia3TargetsOpt = None,
+    calibration: F.CalibrationOpt = None,
     trace: bool = typer.Option(False, "--trace", help="Measure the best plan's activations with the exact FakeTensor trace."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON (the stable contract)."),
 ) -> None:
@@ -116,7 +122,7 @@ def plan(
     from orchestrator.planning import run_plan
     from orchestrator.recipe import run_recipe
 
-    cluster_spec = resolve_cluster(cluster, gpu, gpus, gpus_per_node)
+    cluster_spec = with_calibration(resolve_cluster(cluster, gpu, gpus, gpus_per_node), calibration)
     training = _build(
         TrainingSpec,
         "training flags",
@@ -213,6 +219,7 @@ def launch(
     pp: F.PpOpt = None,
     zero: F.ZeroOpt = None,
     offload: F.OffloadOpt = None,
+    recompute: F.RecomputeOpt = None,
     steps: int = typer.Option(100, "--steps", min=1, help="Optimizer steps in total (a resumed run ends at the same count)."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (linear warm-up over 10% of steps, then cosine)."),
     name: Optional[str] = typer.Option(None, "--name", help="Job name (default: orch-MODEL-TIME)."),
@@ -223,23 +230,133 @@ def launch(
     log_jsonl: Optional[Path] = typer.Option(None, "--log-jsonl", help="Append one JSON object per step from rank 0 to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print a one-line JSON summary as the last stdout line."),
     fail_at_step: int = typer.Option(0, "--fail-at-step", min=0, hidden=True, help="Testing: rank 0 dies once after this step."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue job NAME from its last checkpoint (same plan, same step count; other plan flags are ignored)."),
+    detach: bool = typer.Option(False, "--detach", help="Submit through the Ray Jobs API and return (no --address: a local 'ray start --head' is started or reused)."),
+    entrypoint: Optional[str] = typer.Option(None, "--entrypoint", help="Run package.module:function(plan, ds_config, ctx) in every worker instead of the built-in trainer."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Local .txt or .jsonl ('text' field) to train on, instead of synthetic tokens."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer directory for --dataset (default: the model directory's, else bytes)."),
+    preflight: bool = typer.Option(False, "--preflight", help="Profile the plan on this machine first; while its measured peak exceeds the device, move to the next ranked plan."),
+    calibration: F.CalibrationOpt = None,
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Address each node's Prometheus metrics endpoint binds to (0.0.0.0: reachable from other hosts)."),
+    metrics_port: int = typer.Option(0, "--metrics-port", min=0, max=65535, help="Port of each node's metrics endpoint (default 0: ephemeral, announced to 'orch monitor')."),
 ) -> None:
-    """Plan a model on a cluster and train it with DeepSpeed on Ray (data parallelism, ZeRO 0-3)."""
-    from orchestrator.launching import LaunchOptions, launch as run_launch
+    """Plan a model on a cluster and train it with DeepSpeed on Ray."""
+    from orchestrator.launching import LaunchOptions, launch as run_launch, resume as run_resume
 
-    model_spec, cluster_spec, training = _job_inputs("launch", model, cluster, zero, seq_len, global_batch, precision)
-    pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
-                    offload=offload.value if offload else None)
-    opts = LaunchOptions(steps=steps, lr=lr, name=name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                         max_failures=max_failures, address=address, log_jsonl=log_jsonl,
-                         fail_at_step=fail_at_step)
-    result = run_launch(model_spec, cluster_spec, training, pinned, opts)
+    if resume is not None:
+        result = run_resume(resume, checkpoint_dir, address)
+    else:
+        model_spec, cluster_spec, training = _job_inputs("launch", model, cluster, zero, seq_len, global_batch, precision,
+                                                         calibration=calibration)
+        pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
+                        offload=offload.value if offload else None, recompute=recompute.value if recompute else None)
+        opts = LaunchOptions(steps=steps, lr=lr, name=name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             max_failures=max_failures, address=address, log_jsonl=log_jsonl,
+                             fail_at_step=fail_at_step, entrypoint=entrypoint, detach=detach,
+                             dataset=dataset, tokenizer=tokenizer, model_source=model, preflight=preflight,
+                             metrics_host=metrics_host, metrics_port=metrics_port)
+        result = run_launch(model_spec, cluster_spec, training, pinned, opts)
     if as_json:
         print(json.dumps(result), flush=True)
+    elif result["status"] == "submitted":
+        console.print(f"{result['name']}: submitted to {result['dashboard']}")
     else:
         console.print(f"{result['name']}: {result['status']} after {result['steps']} steps, "
                       f"loss {result['initial_loss']} -> {result['final_loss']}, restarts {result['restarts']}")
-    raise typer.Exit({"succeeded": 0, "failed": 1, "stopped": 130}[result["status"]])
+    raise typer.Exit({"succeeded": 0, "submitted": 0, "failed": 1, "stopped": 130}[result["status"]])
+
+
+StorageOpt = typer.Option(None, "--checkpoint-dir", help="Storage path the jobs were launched with (default ~/.orch/runs).")
+
+
+@app.command()
+def status(
+    name: Optional[str] = typer.Argument(None, help="Job name (default: the newest job)."),
+    checkpoint_dir: Optional[Path] = StorageOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
+) -> None:
+    """State, plan and progress of a launched job."""
+    from orchestrator.control import find, status as job_status
+
+    st = job_status(find(name, checkpoint_dir))
+    if as_json:
+        print(json.dumps(st))
+        return
+    table = Table(title=f"job {st['name']}", show_header=False)
+    for key in ("state", "mode", "model", "cluster", "plan", "steps", "total_steps", "initial_loss", "final_loss",
+                "tokens_per_s", "restarts", "run_dir", "address", "error"):
+        value = st[key]
+        table.add_row(key, f"{value:,.1f}" if key == "tokens_per_s" and value else str(value))
+    console.print(table)
+
+
+@app.command(name="list")
+def list_(checkpoint_dir: Optional[Path] = StorageOpt,
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object per job.")) -> None:
+    """Every launched job under the storage path, oldest first."""
+    from orchestrator.control import list_jobs
+
+    rows = list_jobs(checkpoint_dir)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    table = Table(title="orch jobs")
+    for col in ("name", "state", "mode", "model", "plan", "steps", "loss", "restarts"):
+        table.add_column(col)
+    for r in rows:
+        loss = f"{r['final_loss']:.4f}" if isinstance(r["final_loss"], float) else "-"
+        table.add_row(r["name"], r["state"], r["mode"], r["model"], r["plan"], f"{r['steps']}/{r['total_steps']}",
+                      loss, str(r["restarts"]))
+    console.print(table)
+
+
+@app.command()
+def logs(name: str = typer.Argument(..., help="Job name."), checkpoint_dir: Optional[Path] = StorageOpt,
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
+    """The job's driver log (a detached job's from the Ray Jobs API)."""
+    from orchestrator.control import logs as job_logs
+
+    for chunk in job_logs(name, checkpoint_dir, follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+@app.command()
+def stop(name: str = typer.Argument(..., help="Job name."), checkpoint_dir: Optional[Path] = StorageOpt) -> None:
+    """Stop a job: every worker and actor it started ends; its checkpoints stay (resume with --resume)."""
+    from orchestrator.control import stop as stop_job
+
+    state = stop_job(name, checkpoint_dir)
+    console.print(f"{name}: {state.value}")
+
+
+@app.command()
+def monitor(
+    checkpoint_dir: Optional[List[Path]] = typer.Option(None, "--checkpoint-dir", "--storage", help="Storage path of the jobs to scrape, as given to 'orch launch' (repeatable; default ~/.orch/runs)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for prometheus.yml, the alert rules and Prometheus' data (default ~/.orch/monitoring)."),
+    listen: str = typer.Option("127.0.0.1:9090", "--listen", help="HOST:PORT Prometheus serves its UI and API on."),
+    scrape_interval: str = typer.Option("15s", "--scrape-interval", help="How often Prometheus scrapes the jobs and evaluates the alert rules."),
+    no_start: bool = typer.Option(False, "--no-start", help="Only write the files; do not start Prometheus."),
+) -> None:
+    """Write a Prometheus config for launched jobs (targets, alert rules) and run Prometheus."""
+    from orchestrator import monitoring
+    from orchestrator.launching import DEFAULT_STORAGE
+
+    setup = monitoring.write_setup(out or monitoring.DEFAULT_OUT, checkpoint_dir or [DEFAULT_STORAGE], listen, scrape_interval)
+    targets = monitoring.current_targets(setup)
+    console.print(f"wrote {setup.config} and {setup.rules}; {len(targets)} job endpoint(s) now, "
+                  f"more as jobs start ({', '.join(setup.target_files)})")
+    console.print(f"Grafana dashboard: {monitoring.DASHBOARD_FILE}")
+    if no_start:
+        return
+    binary = monitoring.find_prometheus()
+    if binary is None:
+        console.print("prometheus is not on PATH (Debian: apt-get install prometheus); start it with:\n  "
+                      + " ".join(monitoring.prometheus_command(setup)))
+        return
+    console.print(f"Prometheus: {setup.url} (Ctrl-C stops it)")
+    raise typer.Exit(monitoring.run_prometheus(setup, binary))
 
 
 @app.command()
@@ -250,21 +367,66 @@ def profile(
     micro_batch: F.MicroBatchOpt = None,
     global_batch: F.GlobalBatchOpt = None,
     precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
+    optimizer: F.OptimizerOpt = F.OptimizerChoice.adamw,
+    attention: F.AttentionOpt = F.AttentionChoice.flash,
+    recompute: F.RecomputeOpt = None,
     dp: F.DpOpt = None,
+    tp: F.TpOpt = None,
+    pp: F.PpOpt = None,
     zero: F.ZeroOpt = None,
+    offload: F.OffloadOpt = None,
+    calibration: F.CalibrationOpt = None,
     steps: int = typer.Option(2, "--steps", min=1, help="Optimizer steps measured."),
     as_json: bool = typer.Option(False, "--json", help="Print predicted against measured bytes as JSON."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Append the measurement to this file, for 'orch calibrate'."),
 ) -> None:
     """Run a plan's ranks for a few steps on this machine and set measured memory against the plan."""
-    from orchestrator.profiling import print_profile, profile_plan
+    from orchestrator.profiling import cpu_hardware, print_profile, profile_plan, save_record
+    from planner.evaluate import buffers_for
 
-    model_spec, cluster_spec, training = _job_inputs("profile", model, cluster, zero, seq_len, global_batch, precision)
-    pinned = _build(Pinned, "plan flags", dp=dp, zero_stage=zero, micro_batch=micro_batch)
+    model_spec, cluster_spec, training = _job_inputs("profile", model, cluster, zero, seq_len, global_batch, precision,
+                                                     calibration=calibration, optimizer=optimizer.value, attention=attention.value)
+    pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
+                    offload=offload.value if offload else None, recompute=recompute.value if recompute else None)
     result = profile_plan(model_spec, cluster_spec, training, pinned, steps=steps)
+    if save is not None:
+        hardware = cpu_hardware() if result.device == "cpu" else {"device": result.device}
+        count = save_record(save, result.record(model_spec, training, buffers_for(model_spec, result.plan.plan)), hardware)
+        print(f"orch: measurement appended to {save} ({count} record(s))", file=sys.stderr)
     if as_json:
         print(json.dumps(result.as_json()))
     else:
         print_profile(console, result)
+
+
+@app.command()
+def calibrate(
+    measured: list[Path] = typer.Argument(..., help="Measurement files (orch profile --save, bench/gpu_memory.py)."),
+    out: Path = typer.Option(..., "--out", help="Write the fitted constants here (JSON, for --calibration)."),
+    cluster: F.ClusterOpt = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+) -> None:
+    """Fit the planner's overhead constants (context, NCCL, fragmentation) to measured peaks."""
+    from planner.calibration import fit
+    from planner.overheads import Overheads
+
+    base = load_cluster(cluster).overheads if cluster else Overheads()
+    cal = fit(load_measurements(measured), base, sources=[str(p) for p in measured])
+    try:
+        out.write_text(cal.model_dump_json(indent=1) + "\n")
+    except OSError as exc:
+        raise PlanInputError(f"--out {out}: cannot write ({exc.strerror})", "pass a writable path") from None
+    if as_json:
+        print(cal.model_dump_json())
+        return
+    table = Table(title=f"calibration: {cal.device}, {cal.records} record(s)")
+    for col in ("constant", "before", "fitted"):
+        table.add_column(col, justify="left" if col == "constant" else "right")
+    for key in ("cuda_context_bytes", "nccl_bytes_per_group", "fragmentation_ratio"):
+        fitted = getattr(cal, key)
+        table.add_row(key, f"{getattr(base, key):,}", "not fitted" if fitted is None else f"{fitted:,}")
+    console.print(table)
+    console.print(f"mean peak error: {cal.peak_error_pct_before:.1f}% before, {cal.peak_error_pct_after:.1f}% after; written to {out}")
 
 
 @app.command()

@@ -5,6 +5,7 @@ flag overrides."""
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -122,3 +123,8 @@ AdapterSizeOpt = Annotated[int, typer.Option("--adapter-size", help="Bottleneck 
 PrefixOpt = Annotated[int, typer.Option("--prefix-length", help="Prefix tuning virtual tokens.", rich_help_panel=FINETUNE)]
 VirtualTokensOpt = Annotated[int, typer.Option("--num-virtual-tokens", help="Prompt tuning virtual tokens.", rich_help_panel=FINETUNE)]
 Ia3TargetsOpt = Annotated[Optional[str], typer.Option("--ia3-targets", help="(IA)^3 peft module names (default: peft's).", rich_help_panel=FINETUNE)]
+
+CalibrationOpt = Annotated[
+    Optional[Path],
+    typer.Option("--calibration", help="Overhead constants fitted by 'orch calibrate' (override the cluster's overheads).", rich_help_panel=CLUSTER),
+]

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from planner.calibration import Calibration, MeasuredRecord, calibrated_cluster, parse_records
 from planner.errors import PlanInputError
 from planner.hardware import ClusterSpec, GPUSpec, dgx_cluster, gpu_by_name
 from planner.hf_config import SUPPORTED_FAMILIES, generic_spec, spec_from_hf_config
@@ -136,3 +137,32 @@ def resolve_cluster(cluster: str | None, gpu: str | None, gpus: int | None, gpus
         raise PlanInputError("no cluster given", "pass --cluster NAME|FILE or --gpu TYPE --gpus N")
     spec = gpu_by_name(gpu)
     return dgx_cluster(spec, 1 if gpus is None else gpus, 8 if gpus_per_node is None else gpus_per_node)
+
+
+def load_calibration(path: Path) -> Calibration:
+    """A calibration file written by 'orch calibrate'."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanInputError(f"--calibration {path}: cannot read it as JSON ({exc})", "pass a file written by 'orch calibrate --out'") from None
+    try:
+        return Calibration.model_validate(data)
+    except ValidationError as exc:
+        raise pydantic_problem(exc, str(path)) from None
+
+
+def with_calibration(cluster: ClusterSpec, path: Path | None) -> ClusterSpec:
+    """The cluster, its overheads replaced by a calibration's fitted constants when one is given."""
+    return cluster if path is None else calibrated_cluster(cluster, load_calibration(path))
+
+
+def load_measurements(paths: list[Path]) -> list[MeasuredRecord]:
+    """Every record of the measurement files (orch profile --save, bench/gpu_memory.py)."""
+    records: list[MeasuredRecord] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanInputError(f"{path}: cannot read it as JSON ({exc})", "pass files written by orch profile --save or bench/gpu_memory.py") from None
+        records += parse_records(data, str(path))
+    return records

@@ -6,22 +6,30 @@ this launcher cannot run yet, is refused with a PlanInputError (exit 2) before R
 
 from __future__ import annotations
 
-import json
+import ipaddress
+import os
+import re
+import shlex
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from launch.deepspeed_config import deepspeed_config
+from launch import data, placement
+from launch.context import resolve_entrypoint
 from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec, job_ds_config
-from orchestrator.planning import run_plan
+from orchestrator import jobs
+from orchestrator.planning import evaluate_plan, run_plan
 from planner.errors import PlanInputError
-from planner.evaluate import buffers_for
+from planner.evaluate import buffers_for, evaluate
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
+from planner.hf_config import LLAMA_LIKE
 from planner.pinned import Pinned
+from planner.search import CAPABILITIES
 from planner.training import ParallelPlan, TrainingSpec
 
 DEFAULT_STORAGE = Path.home() / ".orch" / "runs"
@@ -43,27 +51,39 @@ class LaunchOptions:
     seed: int = 0
     fail_at_step: int = 0
     entrypoint: str | None = None  # 'package.module:function'; None = the built-in trainer
+    detach: bool = False  # submit through the Ray Jobs API and return
+    dataset: Path | None = None  # local .txt/.jsonl; None = synthetic tokens
+    tokenizer: Path | None = None  # local tokenizer directory; None = the model directory's, else bytes
+    model_source: str | None = None  # what --model named (a directory with weights is loaded, not initialised)
+    preflight: bool = False  # profile the plan on this machine first; move to a ranked plan that fits as measured
+    metrics_host: str = "127.0.0.1"  # each node's metrics endpoint binds here (0.0.0.0: every interface)
+    metrics_port: int = 0  # port of each node's metrics endpoint; 0 = ephemeral
+
+
+# Model families the built-in trainer (launch/trainer.py) runs each model-parallel dimension for.
+# AutoTP shards Llama, Mistral and Qwen2 models; DeepSpeed 0.19 refuses GPT-2 ("AutoTP not supported
+# for model", deepspeed/module_inject/auto_tp.py tp_parser) and Mixtral (its Hugging Face tp_plan's
+# MoE styles, deepspeed/runtime/engine.py _apply_autotp_partitioning). The pipeline layers cut
+# the Llama layout with untied embeddings (launch/pipeline_model.py).
+AUTOTP_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+PIPELINE_FAMILIES = frozenset(LLAMA_LIKE)
 
 
 def choose_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned) -> ParallelPlan:
-    """The planner's best plan among those this launcher runs. On gloo (CPU) clusters only data
-    parallelism (ZeRO 0-3) runs now: tp/pp/cp are pinned to 1, and offload to none unless pinned,
-    since a CPU worker's "device" memory is host memory already."""
-    if cluster.backend == "gloo":
-        if training.precision not in CPU_PRECISIONS:
-            raise PlanInputError(
-                f"--precision {training.precision}: DeepSpeed on CPU trains in bf16 or fp32 only",
-                "use --precision bf16 or --precision fp32 on a CPU cluster",
-            )
-        for dim in ("tp", "pp", "cp", "ep"):
-            value = getattr(pinned, dim)
-            if value is not None and value > 1:
-                raise PlanInputError(
-                    f"--{dim} {value}: orch launch runs only data parallelism (ZeRO 0-3) on gloo/CPU clusters so far",
-                    f"drop --{dim}, or plan it with 'orch plan' for a GPU cluster",
-                )
-        defaults = {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "sp": False, "interleave": 1, "offload": "none"}
-        pinned = pinned.model_copy(update={k: v for k, v in defaults.items() if getattr(pinned, k) is None})
+    """The planner's best plan among those the built-in trainer runs, on gloo (CPU) as on nccl:
+    data parallelism with ZeRO 0-3, tensor parallelism through DeepSpeed AutoTP (ZeRO 0-3),
+    pipeline parallelism through DeepSpeed's PipelineModule (ZeRO 0-1; 1 only in bf16, whose
+    checkpoints without ZeRO do not load back), not tp and pp together (the search's "deepspeed"
+    capabilities; each measured on gloo, tests/launch/test_launch_tp_pp.py). On gloo, offload is
+    none unless pinned: a CPU worker's "device" memory is host memory already."""
+    if cluster.backend == "gloo" and training.precision not in CPU_PRECISIONS:
+        raise PlanInputError(
+            f"--precision {training.precision}: DeepSpeed on CPU trains in bf16 or fp32 only",
+            "use --precision bf16 or --precision fp32 on a CPU cluster",
+        )
+    pinned = _runnable_pins(model, training, pinned)
+    if cluster.backend == "gloo" and pinned.offload is None:
+        pinned = pinned.model_copy(update={"offload": "none"})
     result = run_plan(model, cluster, training, pinned, top=1)
     if result.best is None:
         closest = result.search.closest
@@ -71,21 +91,52 @@ def choose_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, 
                f" of {cluster.gpu.memory_bytes / 2**30:,.1f})" if closest is not None else ""
         hint = result.suggestions[0] if result.suggestions else "a larger cluster or a smaller model ('orch plan' shows what fits)"
         raise PlanInputError(f"no plan of model '{model.name}' fits cluster '{cluster.name}'{need}", f"use {hint}")
-    plan = result.best.plan
-    if plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.ep > 1:
-        raise PlanInputError(
-            f"the best plan is {plan.describe()}, but orch launch runs only data parallelism (ZeRO 0-3) so far",
-            "pin --tp 1 --pp 1 to launch a data-parallel plan",
-        )
-    return plan
+    return result.best.plan
+
+
+def _runnable_pins(model: ModelSpec, training: TrainingSpec, pinned: Pinned) -> Pinned:
+    """The pins with each dimension the trainer cannot run for this model set to 1 (so the search
+    never chooses it); a pinned one, or a pinned combination DeepSpeed cannot run, is refused."""
+    tied = bool(model.hf_config and model.hf_config.get("tie_word_embeddings", False))
+    cannot = {  # dimension -> why the trainer cannot run it for this model (None: it can)
+        "tp": None if model.family in AUTOTP_FAMILIES else f"DeepSpeed AutoTP does not shard {model.family} models",
+        "pp": None if model.family in PIPELINE_FAMILIES and not tied
+        else f"orch's pipeline layers cut Llama-like models with untied embeddings, not this {model.family} model",
+        "cp": "orch launch does not run context parallelism",
+        "ep": "orch launch does not run expert parallelism",
+        "interleave": "DeepSpeed's pipeline engine has no interleaved schedule",
+    }
+    for dim, why in cannot.items():
+        value = getattr(pinned, dim)
+        if why is not None and value is not None and value > 1:
+            raise PlanInputError(f"--{dim} {value}: {why}", f"drop --{dim} (or pin it to 1)")
+    if pinned.sp:
+        raise PlanInputError("--sp: DeepSpeed AutoTP has no sequence parallelism", "drop --sp")
+    if pinned.recompute == "selective":
+        raise PlanInputError("--recompute selective: that is Megatron's attention-only recompute; transformers "
+                             "models under DeepSpeed recompute whole decoder layers", "use --recompute full (or none)")
+    tp, pp, zero, caps = pinned.tp or 1, pinned.pp or 1, pinned.zero_stage, CAPABILITIES["deepspeed"]
+    if tp > 1 and pp > 1:
+        raise PlanInputError(f"--tp {tp} with --pp {pp}: DeepSpeed AutoTP and PipelineModule do not combine",
+                             "pin --tp or --pp, not both above 1")
+    if pp > 1 and zero is not None and zero not in caps.zero_with_pipeline:
+        raise PlanInputError(f"--pp {pp} with --zero {zero}: DeepSpeed's pipeline engine runs ZeRO "
+                             f"{', '.join(map(str, caps.zero_with_pipeline))} only", "pin --zero 1 with --pp, or drop --pp")
+    if pp > 1 and zero == 0 and training.precision not in caps.pipeline_without_zero:
+        raise PlanInputError(f"--pp {pp} with --zero 0 in {training.precision}: DeepSpeed cannot load the checkpoints "
+                             "of a bf16 pipeline without ZeRO", "pin --zero 1 with --pp (or --precision fp32)")
+    defaults: dict[str, Any] = {dim: 1 for dim, why in cannot.items() if why is not None} | {"sp": False}
+    return pinned.model_copy(update={k: v for k, v in defaults.items() if getattr(pinned, k) is None})
 
 
 def _job_name(model: ModelSpec) -> str:
     return f"orch-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts: LaunchOptions) -> tuple[JobSpec, Path]:
-    """The job spec the workers receive and the storage path of its checkpoints."""
+def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts: LaunchOptions,
+              cluster: ClusterSpec | None = None) -> tuple[JobSpec, Path]:
+    """The job spec the workers receive and the storage path of its checkpoints; with the cluster,
+    the plan's predicted memory, step time and FLOPs, which the workers' metrics are set against."""
     if model.hf_config is None:
         raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
     storage = (opts.checkpoint_dir or DEFAULT_STORAGE).expanduser().resolve()
@@ -93,32 +144,87 @@ def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts
     ds = job_ds_config(deepspeed_config(plan, training, buffers=buffers_for(model, plan)), opts.steps, opts.lr)
     job = JobSpec(
         name=name, run_dir=str(storage / name), hf_config=model.hf_config, ds_config=ds, steps=opts.steps,
-        plan=plan.model_dump(), entrypoint=opts.entrypoint,
+        plan=plan.model_dump(), entrypoint=opts.entrypoint, code_dir=os.getcwd() if opts.entrypoint else None,
+        **_data_fields(model, training, opts),
         seq_len=training.seq_len, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
         log_jsonl=str(opts.log_jsonl.resolve()) if opts.log_jsonl else None, fail_at_step=opts.fail_at_step,
+        metrics_host=_metrics_host(opts.metrics_host), metrics_port=opts.metrics_port,
+        **(_planned_fields(model, cluster, training, plan) if cluster is not None else {}),
     )
     return job, storage
 
 
-class Progress(threading.Thread):
-    """Tails rank 0's step file and prints one progress line per step (step, loss, tokens/s, ETA)."""
+def _metrics_host(host: str) -> str:
+    """--metrics-host as an IP address every node can bind (a name would resolve differently per node)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise PlanInputError(f"--metrics-host {host!r} is not an IP address",
+                             "pass 127.0.0.1 (this machine only) or 0.0.0.0 (every interface, for a Prometheus elsewhere)") from None
 
-    def __init__(self, path: Path, steps: int, out: TextIO = sys.stderr) -> None:
+
+def _planned_fields(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> dict[str, Any]:
+    """What the planner predicts for the plan (planner.evaluate, planner.speed), for the metrics."""
+    predicted = evaluate_plan(model, cluster, training, plan)
+    memory = predicted.memory.memory.as_dict()
+    return {
+        "planned_bytes": {k: v for k, v in memory.items() if k != "total"},
+        "planned_step_time_s": predicted.speed.step_time_s,
+        "planned_mfu": predicted.speed.mfu,
+        "flops_per_step": predicted.speed.model_flops,
+        "peak_flops_per_gpu": predicted.speed.peak_flops_per_gpu,
+    }
+
+
+def _data_fields(model: ModelSpec, training: TrainingSpec, opts: LaunchOptions) -> dict[str, str | None]:
+    """Where the workers' weights and tokens come from: a --model directory with weights is
+    loaded rather than initialised, and its tokenizer is the default for --dataset."""
+    source = Path(opts.model_source) if opts.model_source else None
+    pretrained = source if source is not None and source.is_dir() and _has_weights(source) else None
+    if opts.tokenizer is not None and opts.dataset is None:
+        raise PlanInputError("--tokenizer is only used with --dataset", "add --dataset FILE, or drop --tokenizer")
+    tokenizer = opts.tokenizer
+    if tokenizer is None and source is not None and source.is_dir() and data.has_tokenizer(source):
+        tokenizer = source
+    if opts.dataset is not None:
+        data.check(opts.dataset, tokenizer, model.vocab_size, training.seq_len)
+    return {
+        "dataset": str(opts.dataset.resolve()) if opts.dataset else None,
+        "tokenizer": str(tokenizer.resolve()) if tokenizer and opts.dataset else None,
+        "pretrained_dir": str(pretrained.resolve()) if pretrained else None,
+    }
+
+
+def _has_weights(directory: Path) -> bool:
+    """A save_pretrained directory (safetensors or PyTorch weights, sharded or not)."""
+    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
+class Progress(threading.Thread):
+    """Tails rank 0's step file and prints one progress line per step (step, loss, tokens/s, ETA)
+    to the terminal and to the job's log file."""
+
+    def __init__(self, run_dir: Path, steps: int, outs: tuple[TextIO, ...] = (sys.stderr,)) -> None:
         super().__init__(daemon=True)
-        self.path, self.steps, self.out = path, steps, out
+        self.run_dir, self.steps, self.outs = run_dir, steps, outs
         self.done = threading.Event()
 
     def run(self) -> None:
-        seen = 0
+        seen = len(jobs.read_steps(self.run_dir))  # a resumed run prints only its own steps
         while not self.done.wait(0.5):
             seen = self._print_new(seen)
         self._print_new(seen)
 
     def _print_new(self, seen: int) -> int:
-        records = read_steps(self.path)
+        records = jobs.read_steps(self.run_dir)
         for r in records[seen:]:
-            print(progress_line(r, self.steps), file=self.out, flush=True)
+            _say(progress_line(r, self.steps), self.outs)
         return max(seen, len(records))
+
+
+def _say(line: str, outs: tuple[TextIO, ...]) -> None:
+    for out in outs:
+        print(line, file=out, flush=True)
 
 
 def progress_line(r: dict[str, Any], steps: int) -> str:
@@ -137,56 +243,140 @@ def progress_line(r: dict[str, Any], steps: int) -> str:
     return "  ".join(parts)
 
 
-def read_steps(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def summary(job: JobSpec, plan: ParallelPlan, status: str, storage: Path) -> dict[str, Any]:
+def summary(record: jobs.JobRecord, status: str) -> dict[str, Any]:
     """The --json summary, from rank 0's step records (the last record of each step wins)."""
-    by_step = {r["step"]: r for r in read_steps(Path(job.run_dir) / STEPS_FILE)}
-    records = [by_step[s] for s in sorted(by_step)]
+    p = jobs.progress(record)
     return {
-        "name": job.name,
+        "name": record.name,
         "status": status,
-        "steps": records[-1]["step"] if records else 0,
-        "initial_loss": records[0]["loss"] if records else None,
-        "final_loss": records[-1]["loss"] if records else None,
-        "restarts": max((r["restarts"] for r in records), default=0),
-        "checkpoint_dir": str(storage / job.name) if job.checkpoint_every else None,
-        "plan": {**plan.model_dump(), "describe": plan.describe()},
+        "steps": p["steps"],
+        "initial_loss": p["initial_loss"],
+        "final_loss": p["final_loss"],
+        "restarts": p["restarts"],
+        "checkpoint_dir": str(record.run_dir) if record.job.checkpoint_every else None,
+        "plan": {**record.job.plan, "describe": record.plan},
     }
+
+
+def _check_storage(path: Path | None) -> None:
+    """A filesystem path (local, or a mount every node shares). Ray Train could persist checkpoints
+    to a bucket, but rank 0's step records, the job record and the metrics discovery files are
+    plain files the driver and Prometheus read."""
+    if path is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):
+        raise PlanInputError(f"--checkpoint-dir {path}: cloud URIs are not supported",
+                             "mount the bucket on every node (s3fs, gcsfuse, a CSI driver) and pass the mount path")
+
+
+def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
+            opts: LaunchOptions) -> jobs.JobRecord:
+    """Plan and write the job's record; everything here is refused before Ray starts."""
+    _check_storage(opts.checkpoint_dir)
+    resolve_entrypoint(opts.entrypoint, os.getcwd())  # a bad --entrypoint is refused before any worker starts
+    plan = choose_plan(model, cluster, training, pinned)
+    if opts.preflight:  # measure the plan here first; move down the ranked plans until it fits
+        from orchestrator.preflight import preflight
+        plan = preflight(model, cluster, training, pinned, plan)
+    job, storage = build_job(model, training, plan, opts, cluster=cluster)
+    run_dir = Path(job.run_dir)
+    if jobs.record_path(run_dir).exists():
+        raise PlanInputError(f"a job named '{job.name}' already exists in {storage}",
+                             f"continue it with 'orch launch --resume {job.name}', or pick another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (STEPS_FILE, ATTEMPTS_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    planned = evaluate(model, cluster, training, plan, buffers=buffers_for(model, plan)).memory.total
+    workers = asdict(placement.workers_for(plan, cluster, planned))
+    return jobs.save(jobs.JobRecord(
+        job=job, storage=str(storage), address=opts.address or cluster.ray_address, mode="detached" if opts.detach else "foreground",
+        model=model.name, cluster=cluster.name, plan=plan.describe(), workers=workers,
+        max_failures=opts.max_failures,
+    ))
 
 
 def launch(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
            opts: LaunchOptions) -> dict[str, Any]:
-    """Plan, start (or join) Ray, train, and return the summary. Refusals raise before Ray starts."""
-    plan = choose_plan(model, cluster, training, pinned)
-    job, storage = build_job(model, training, plan, opts)
-    run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STEPS_FILE, ATTEMPTS_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
-    print(f"orch: launching {job.name}: {model.name} on {cluster.name}, plan {plan.describe()}, "
-          f"{opts.steps} steps", file=sys.stderr, flush=True)
+    """Plan, then train in this process (the summary) or submit a detached Ray job (its record)."""
+    record = prepare(model, cluster, training, pinned, opts)
+    if opts.detach:
+        return detach(record)
+    return run_foreground(record)
 
+
+def resume(name: str, storage: Path | None, address: str | None) -> dict[str, Any]:
+    """Run a job again from its record: Ray Train restores its latest checkpoint from the storage
+    path, and the run ends at the same total step count."""
+    record = jobs.load(name, (storage or DEFAULT_STORAGE).expanduser().resolve())
+    state = jobs.observed_state(record)
+    if state is jobs.JobState.SUCCEEDED:
+        raise PlanInputError(f"job '{name}' already succeeded ({record.job.steps} steps)", "launch a new job instead")
+    if state is jobs.JobState.RUNNING and record.mode == "foreground" and record.driver_pid != os.getpid():
+        raise PlanInputError(f"job '{name}' is still running (driver pid {record.driver_pid} on {record.driver_host})",
+                             f"stop it first with 'orch stop {name}'")
+    if address is not None:
+        record = jobs.update(record, address=address)
+    return run_foreground(record)
+
+
+def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
+    """Be the job's driver: start (or join) Ray, train with a live progress line, record the end."""
+    record = jobs.mark_driver(record)
     from launch import ray_runtime
 
-    workers = ray_runtime.Workers(num_workers=plan.world_size, use_gpu=cluster.backend == "nccl", backend=cluster.backend)
-    ray_runtime.connect(opts.address, workers)
-    progress = Progress(run_dir / STEPS_FILE, opts.steps)
-    progress.start()
-    try:
-        outcome = ray_runtime.run(job, workers, str(storage), opts.max_failures)
-    except KeyboardInterrupt:
-        outcome = ray_runtime.Outcome("stopped", "interrupted")
-    finally:
-        progress.done.set()
-        progress.join(timeout=5)
-        ray_runtime.shutdown()
-    if outcome.error:
-        print(f"orch: job {job.name} {outcome.status}: {outcome.error}", file=sys.stderr, flush=True)
-    return summary(job, plan, outcome.status, storage)
+    with open(record.run_dir / jobs.LOG_FILE, "a") as log:
+        outs = (sys.stderr, log)
+        _say(f"orch: launching {record.name}: {record.model} on {record.cluster}, plan {record.plan}, "
+             f"{record.job.steps} steps", outs)
+        workers = ray_runtime.Workers(**record.workers)
+        try:
+            ray_runtime.connect(record.address, workers)
+        except PlanInputError as exc:
+            jobs.update(record, state=jobs.JobState.FAILED, error=str(exc))
+            raise
+        progress = Progress(record.run_dir, record.job.steps, outs)
+        progress.start()
+        try:
+            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures)
+        except KeyboardInterrupt:
+            outcome = ray_runtime.Outcome("stopped", "interrupted")
+        finally:
+            progress.done.set()
+            progress.join(timeout=5)
+            ray_runtime.shutdown()
+        if outcome.error:
+            _say(f"orch: job {record.name} {outcome.status}: {outcome.error}", outs)
+    jobs.update(record, state=jobs.JobState(outcome.status), error=outcome.error)
+    _forget_metrics_targets(record)
+    return summary(record, outcome.status)
+
+
+def _forget_metrics_targets(record: jobs.JobRecord) -> None:
+    """The job's Prometheus file_sd entries go with it (workers remove theirs on a normal exit;
+    a stopped or failed group may not have)."""
+    from launch.metrics import TARGETS_DIR
+
+    for path in (Path(record.storage) / TARGETS_DIR).glob(f"{record.name}.node*.json"):
+        path.unlink(missing_ok=True)
+
+
+def detach(record: jobs.JobRecord) -> dict[str, Any]:
+    """Submit the job's driver (``orch launch --resume NAME``) through the Ray Jobs API and return;
+    with no --address a persistent local Ray head is started (or reused) first."""
+    from launch import ray_runtime
+
+    if record.address is None:
+        dashboard = ray_runtime.ensure_local_head(max(record.workers["num_workers"], os.cpu_count() or 1))
+    else:
+        dashboard = ray_runtime.jobs_address(record.address)
+    record = jobs.update(record, address="auto", dashboard=dashboard)
+    entrypoint = " ".join(shlex.quote(a) for a in (
+        sys.executable, "-m", "orchestrator", "launch", "--resume", record.name,
+        "--checkpoint-dir", record.storage, "--json"))
+    ray_runtime.submit(dashboard, record.name, entrypoint, {"PYTHONPATH": _source_root()})
+    print(f"orch: submitted {record.name} to {dashboard}; follow it with 'orch logs {record.name} --follow', "
+          f"stop it with 'orch stop {record.name}'", file=sys.stderr, flush=True)
+    return {"name": record.name, "status": "submitted", "dashboard": dashboard, "plan": record.job.plan}
+
+
+def _source_root() -> str:
+    """The directory holding this package, so the Ray job's driver imports the same code."""
+    return str(Path(__file__).resolve().parent.parent)

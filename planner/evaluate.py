@@ -10,7 +10,7 @@ from planner.finetune_states import finetune_states
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
 from planner.model_states import ShardShape, StateBytes, state_bytes
-from planner.partition import partition_span
+from planner.partition import first_bucket, partition_span
 from planner.overheads import Overheads, overhead_bytes, process_groups
 from planner.params import layers_per_stage, stage_params, stage_tensor_sizes
 from planner.training import ParallelPlan, TrainingSpec
@@ -81,20 +81,23 @@ def rank_states(
     if finetune is not None and finetune.method != "full":
         return finetune_states(model, finetune, training, plan, stage, buffers), sp.total
     fp32_grads = model.implementation == "megatron"
-    dense = _shape(model, plan, stage, expert=False)
+    dense = _shape(model, plan, stage, expert=False, buffers=buffers)
     states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
     if sp.expert:
-        expert = _shape(model, plan, stage, expert=True)
+        expert = _shape(model, plan, stage, expert=True, buffers=None)
         states += state_bytes(expert, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
     return states, sp.total
 
 
-def _shape(model: ModelSpec, plan: ParallelPlan, stage: int, *, expert: bool) -> ShardShape:
-    """Dense parameters shard over dp; expert parameters (E/ep experts per rank) over dp/ep."""
+def _shape(model: ModelSpec, plan: ParallelPlan, stage: int, *, expert: bool, buffers: ZeroBuffers | None) -> ShardShape:
+    """Dense parameters shard over dp; expert parameters (E/ep experts per rank) over dp/ep. The
+    first reduce bucket (ZeRO-1) is counted for the dense parameters only, which DeepSpeed reduces
+    first; ``buffers=None`` counts none (conservative)."""
     sizes = stage_tensor_sizes(model, tp=plan.tp, pp=plan.pp, stage=stage, expert=expert, ep=plan.ep)
     n = plan.dp // plan.ep if expert else plan.dp
     span = partition_span(sizes, n) if plan.zero_stage in (1, 2) else 0
-    return ShardShape(psi=sum(sizes), n=n, largest=max(sizes, default=0), partition_span=span)
+    b1 = first_bucket(tuple(sizes), buffers.reduce_bucket_size) if buffers is not None and plan.zero_stage == 1 else 0
+    return ShardShape(psi=sum(sizes), n=n, largest=max(sizes, default=0), partition_span=span, first_bucket=b1)
 
 
 def evaluate(
@@ -121,9 +124,11 @@ def evaluate(
             acts = activation_bytes_override[stage]
         else:
             acts = stage_activation_bytes(model, training, plan, stage, finetune)
-        # The optimizer step adds fp32 gradient copies after the activations are freed: the peak is
-        # the larger of the backward peak and the step peak; the excess is shown under gradients.
-        step_excess = max(0, states.step_extra - acts)
+        # The optimizer step adds fp32 gradient copies after the activations are freed, beside the
+        # gradient bytes that outlive the backward (ZeRO-1/2: the partition buffer, not the bucket):
+        # the peak is the larger of the backward peak and the step peak; the excess is shown under
+        # gradients (measured, tests/launch/test_profile.py).
+        step_excess = max(0, states.gradients_at_step + states.step_extra - states.gradients - acts)
         allocated = states.parameters + states.gradients + step_excess + states.optimizer + acts
         mem = MemoryBreakdown(
             parameters=states.parameters,

@@ -45,14 +45,21 @@ class StateBytes:
     optimizer: int
     step_extra: int = 0
     host: int = 0
+    step_gradients: int | None = None  # gradient bytes still alive at the optimizer step; None: all of ``gradients``
+
+    @property
+    def gradients_at_step(self) -> int:
+        return self.gradients if self.step_gradients is None else self.step_gradients
 
     def __add__(self, other: StateBytes) -> StateBytes:
+        both_all = self.step_gradients is None and other.step_gradients is None
         return StateBytes(
             self.parameters + other.parameters,
             self.gradients + other.gradients,
             self.optimizer + other.optimizer,
             self.step_extra + other.step_extra,
             self.host + other.host,
+            None if both_all else self.gradients_at_step + other.gradients_at_step,
         )
 
 
@@ -64,6 +71,7 @@ class ShardShape:
     n: int  # ZeRO group size (data-parallel ranks sharing these parameters)
     largest: int  # largest single parameter tensor, elements
     partition_span: int  # elements of the whole parameters overlapping the fullest partition (P_in)
+    first_bucket: int = 0  # elements of the leading parameters the first reduce bucket takes (ZeRO-1, B_1)
 
 
 def padded(psi: int, n: int) -> int:
@@ -109,14 +117,33 @@ def state_bytes(
     span = part if ideal else shape.partition_span
     step_fp32 = 0 if ideal else (b + FP32_GRAD_BYTES) * part  # flat 16-bit partition, then its fp32 copy
     if z == 1:
-        # Every full 16-bit gradient stays until the reduce after backward (engine.py reduce_gradients),
-        # then the bucket and the partition buffer (stage_1_and_2.py grads_in_partition).
-        state = StateBytes(b * psi_p, b * psi + bucket + (0 if ideal else b * span), opt, step_fp32)
+        # Every full 16-bit gradient stays until the reduce after backward (engine.py
+        # allreduce_gradients -> stage_1_and_2.py reduce_gradients), which copies them into the ipg
+        # bucket in registration order, freeing each full gradient as it is copied
+        # (reduce_independent_p_g_buckets_and_remove_grads: grad.data = a view of the bucket). The
+        # partition buffer (copy_grads_in_partition: grads_in_partition) is allocated at the first
+        # bucket's reduce, when the B_1 elements of that bucket are freed already: rank 0's peak is
+        # the larger of b Psi + bucket (the reduce's entry) and b(Psi - B_1) + bucket + b P_in
+        # (measured exactly, tests/launch/test_profile.py). With overlap_comm the hooks reduce
+        # during the backward instead; B_1 is not subtracted then.
+        freed = 0 if ideal or buffers.overlap_comm else b * shape.first_bucket
+        grads = b * psi if ideal else max(b * psi + bucket, b * psi - freed + bucket + b * span)
+        # At the step only the partition buffer is left of them (full gradients and bucket freed,
+        # independent_gradient_partition_epilogue: _release_ipg_buffers).
+        state = StateBytes(b * psi_p, grads, opt, step_fp32, step_gradients=None if ideal else b * span)
     elif z == 2:
-        state = StateBytes(b * psi_p, bucket + b * span + in_flight, opt, step_fp32)
+        # A bucket holding every parameter (reduce_bucket_size >= Psi) is reduced once, in the
+        # backward's epilogue (stage_1_and_2.py independent_gradient_partition_epilogue), after the
+        # last gradient was copied in: the gradient in flight and the partition buffer are then
+        # never alive together (measured, tests/launch/test_profile.py).
+        one_reduce = not ideal and buffers.reduce_bucket_size >= psi
+        grads = bucket + (max(b * span, in_flight) if one_reduce else b * span + in_flight)
+        state = StateBytes(b * psi_p, grads, opt, step_fp32, step_gradients=None if ideal else b * span)
     else:
         state = _stage3(shape, b, k, part, buffers, ideal)
-        state = StateBytes(state.parameters, state.gradients + in_flight, state.optimizer, state.step_extra)
+        # The gradient in flight is gone by the step; the partition and the bucket stay (stage3.py).
+        state = StateBytes(state.parameters, state.gradients + in_flight, state.optimizer, state.step_extra,
+                           step_gradients=state.gradients)
     if plan.offload != "none":
         state = _offload(state, shape, b, k, part, plan, buffers)
     return state

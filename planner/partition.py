@@ -31,3 +31,18 @@ def partition_span(sizes: tuple[int, ...], n: int) -> int:
         last = bisect_left(starts, hi) - 1  # last tensor starting before hi
         best = max(best, ends[last] - starts[first])
     return best
+
+
+def first_bucket(sizes: tuple[int, ...], bucket: int) -> int:
+    """Elements of the leading parameters that fill the first ZeRO-1/2 reduce bucket, B_1.
+
+    DeepSpeed reduces a full bucket before adding a parameter that would overflow it
+    (stage_1_and_2.py reduce_independent_p_g_buckets_and_remove_grads: ``elements + numel >
+    reduce_bucket_size``); a parameter larger than the bucket bypasses it (extra_large_param_to_reduce)
+    and is not freed by the copy, so a first parameter larger than the bucket gives B_1 = 0."""
+    filled = 0
+    for size in sizes:
+        if filled + size > bucket:
+            break
+        filled += size
+    return filled

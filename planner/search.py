@@ -39,12 +39,21 @@ class Capabilities:
     selective_recompute: bool
     expert_parallel: bool
     zero_with_pipeline: tuple[int, ...]
+    tensor_with_pipeline: bool = True  # tp > 1 and pp > 1 in one plan
+    pipeline_without_zero: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")  # precisions pp > 1 runs in with ZeRO 0
 
 
 CAPABILITIES: dict[Backend, Capabilities] = {
     # What orch launches: DeepSpeed with AutoTP (no sequence parallelism), PipelineModule (1F1B,
-    # no interleaving, ZeRO 0/1 only), per-layer activation checkpointing (full only).
-    "deepspeed": Capabilities(False, False, False, False, False, (0, 1)),
+    # no interleaving, ZeRO 0/1 only), per-layer activation checkpointing (full only). AutoTP and
+    # PipelineModule do not combine: AutoTP builds its (data, tensor) groups over the whole world,
+    # across pipeline stages (deepspeed/runtime/engine.py _configure_tensor_parallel_states).
+    # A bf16 pipeline without ZeRO trains, but its checkpoints do not load back: DeepSpeed 0.19 wraps
+    # it in BF16_Optimizer, whose _load_legacy_checkpoint indexes a per-rank list where
+    # engine._load_checkpoint hands it one dict (KeyError: 0); with ZeRO 1 it loads through the ZeRO
+    # checkpoint files.
+    "deepspeed": Capabilities(False, False, False, False, False, (0, 1), tensor_with_pipeline=False,
+                              pipeline_without_zero=("fp32", "fp16")),
     # Megatron-LM-class frameworks (for comparison with published runs; orch does not launch them):
     # the distributed optimizer shards optimizer states and gradients (ZeRO-2-like) beside pipelines.
     "megatron": Capabilities(True, True, True, True, True, (0, 1, 2)),
@@ -162,6 +171,9 @@ def search(
         if not mbs:
             result.reject(f"invalid: global batch {training.global_batch} not divisible by dp={dp}", shape.describe())
             continue
+        if tp > 1 and pp > 1 and not caps.tensor_with_pipeline:
+            result.reject(f"invalid: tensor with pipeline parallelism on {backend}", shape.describe())
+            continue
         problems = plan_problems(model, cluster, training.model_copy(update={"global_batch": 0}), shape)
         if problems:
             result.reject("invalid: " + problems[0].problem.split(" of ")[0].split(" (")[0], shape.describe())
@@ -170,6 +182,9 @@ def search(
         for zero in zeros:
             if pp > 1 and zero not in caps.zero_with_pipeline:
                 result.reject(f"invalid: ZeRO {zero} with pipeline parallelism on {backend}", shape.describe())
+                continue
+            if pp > 1 and zero == 0 and training.precision not in caps.pipeline_without_zero:
+                result.reject(f"invalid: {training.precision} pipeline without ZeRO on {backend}", shape.describe())
                 continue
             offloads = _choices(pinned.offload, ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else []))
             for offload in offloads:

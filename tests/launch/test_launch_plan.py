@@ -29,12 +29,6 @@ def test_pinned_zero_stage_is_kept() -> None:
     assert choose_plan(load_model("debug"), CPU2, TRAINING, Pinned(zero_stage=3)).zero_stage == 3
 
 
-@pytest.mark.parametrize("dim", ["tp", "pp"])
-def test_model_parallel_on_gloo_is_refused(dim: str) -> None:
-    with pytest.raises(PlanInputError, match=f"--{dim} 2: orch launch runs only data parallelism"):
-        choose_plan(load_model("debug"), CPU2, TRAINING, Pinned(**{dim: 2}))
-
-
 def test_fp16_on_cpu_is_refused() -> None:
     with pytest.raises(PlanInputError, match="--precision fp16: DeepSpeed on CPU trains in bf16 or fp32 only"):
         choose_plan(load_model("debug"), CPU2, TrainingSpec(seq_len=64, precision="fp16"), Pinned())
@@ -84,3 +78,9 @@ def test_importing_the_launcher_loads_neither_ray_nor_deepspeed() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False False", out.stdout + out.stderr
+
+
+def test_selective_recompute_is_refused_full_is_planned() -> None:
+    with pytest.raises(PlanInputError, match="--recompute selective: that is Megatron's"):
+        choose_plan(load_model("debug"), CPU2, TRAINING, Pinned(recompute="selective"))
+    assert choose_plan(load_model("debug"), CPU2, TRAINING, Pinned(recompute="full")).recompute == "full"

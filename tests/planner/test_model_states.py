@@ -116,3 +116,25 @@ def test_stage0_peak_20_bytes():
     """No ZeRO, bf16 + torch AdamW (FP16_UnfusedOptimizer): 16 Psi held, 20 Psi at the step."""
     s = states(1000, 1, 0, ZeroBuffers())
     assert total(s) == 16_000 and total(s) + s.step_extra == 20_000
+
+
+# ZeRO-1/2 gradient bytes DeepSpeed 0.19.8 allocated on the most loaded of 2 CPU ranks, debug model
+# (Psi = 125,248, registration-ordered tensors, largest 16,384), measured by `orch profile` (live
+# tensor storages at the entry and exit of each reduce; 8 bytes of loss-scale scalars removed).
+# Bucket 125,248 = the plan's default (capped at Psi), 20,000 = several buckets.
+MEASURED_DEBUG_GRADIENTS = [(1, 125_248, 500_992), (1, 20_000, 391_104), (2, 125_248, 383_872), (2, 20_000, 206_144)]
+
+
+@pytest.mark.parametrize(("zero", "bucket", "measured"), MEASURED_DEBUG_GRADIENTS)
+def test_zero12_gradients_as_measured(zero: int, bucket: int, measured: int) -> None:
+    """Stage 1: b Psi + bucket at the reduce's entry, or b(Psi - B_1) + bucket + b P_in once the
+    first bucket's gradients are freed and the partition buffer allocated; stage 2 with one bucket:
+    the gradient in flight and the partition buffer never together."""
+    from planner.evaluate import evaluate
+    from planner.hardware import dgx_cluster, gpu_by_name
+    from planner.presets import preset
+
+    plan = ParallelPlan(dp=2, zero_stage=zero, micro_batch=2)
+    cluster = dgx_cluster(gpu_by_name("cpu"), 2)
+    mem = evaluate(preset("debug"), cluster, TrainingSpec(seq_len=256), plan, buffers=ZeroBuffers(reduce_bucket_size=bucket))
+    assert mem.memory.gradients == measured
