@@ -32,7 +32,7 @@ FLAGS = ["--model", "debug", "--cluster", "cpu-2", "--zero", "2", "--seq-len", s
 def job_file(tmp: Path) -> Path:
     """The JobSpec orch would run, written for the DeepSpeed-launched script."""
     from orchestrator.inputs import load_model, resolve_cluster
-    from orchestrator.launching import LaunchOptions, build_job, choose_plan
+    from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan
     from planner.pinned import Pinned
     from planner.training import TrainingSpec
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch import metrics as M  # noqa: E402
 from launch.job import JobSpec  # noqa: E402
 from orchestrator.inputs import load_model, resolve_cluster  # noqa: E402
-from orchestrator.launching import LaunchOptions, build_job, choose_plan  # noqa: E402
+from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan  # noqa: E402
 from planner.pinned import Pinned  # noqa: E402
 from planner.training import TrainingSpec  # noqa: E402
 

@@ -14,8 +14,10 @@ It has the signature of any ``--entrypoint``: ``train(plan, ds_config, ctx)`` (l
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from launch import data, synthetic
@@ -53,6 +55,24 @@ def init_distributed() -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())
+    _unlink_shm_buffers()
+
+
+def _unlink_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (used when LOCAL_SIZE equals the world size, as
+    DeepSpeed's launcher and ``orch profile`` set it) creates one /dev/shm segment per rank and
+    never unlinks it (deepspeed/ops/csrc/cpu/comm/shm.cpp ``shm_initialize``): each run would leak
+    tens of MB of RAM until reboot. Every rank has mapped every segment when initialisation
+    returns, so after a barrier each rank unlinks its own name; the mappings live on until the
+    processes exit, however they exit."""
+    import torch.distributed as dist
+
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if not name.exists():
+        return
+    dist.barrier()
+    name.unlink(missing_ok=True)
 
 
 def initialize(model, ds_config: dict[str, Any], tp: int = 1):  # type: ignore[no-untyped-def]

@@ -241,7 +241,8 @@ def launch(
     metrics_port: int = typer.Option(0, "--metrics-port", min=0, max=65535, help="Port of each node's metrics endpoint (default 0: ephemeral, announced to 'orch monitor')."),
 ) -> None:
     """Plan a model on a cluster and train it with DeepSpeed on Ray."""
-    from orchestrator.launching import LaunchOptions, launch as run_launch, resume as run_resume
+    from orchestrator.launch_plan import LaunchOptions
+    from orchestrator.launching import launch as run_launch, resume as run_resume
 
     if resume is not None:
         result = run_resume(resume, checkpoint_dir, address)
@@ -341,7 +342,7 @@ def monitor(
 ) -> None:
     """Write a Prometheus config for launched jobs (targets, alert rules) and run Prometheus."""
     from orchestrator import monitoring
-    from orchestrator.launching import DEFAULT_STORAGE
+    from orchestrator.launch_plan import DEFAULT_STORAGE
 
     setup = monitoring.write_setup(out or monitoring.DEFAULT_OUT, checkpoint_dir or [DEFAULT_STORAGE], listen, scrape_interval)
     targets = monitoring.current_targets(setup)

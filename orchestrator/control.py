@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import jobs
-from orchestrator.launching import DEFAULT_STORAGE
+from orchestrator.launch_plan import DEFAULT_STORAGE
 from planner.errors import PlanInputError
 
 # Ray's JobStatus -> ours (ray/dashboard/modules/job/common.py); UNKNOWN: the head forgot the job.

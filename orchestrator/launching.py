@@ -1,203 +1,38 @@
-"""Carry out `orch launch`: plan, refuse what cannot run, then train the plan on Ray.
+"""Carry out `orch launch`: write the job's record (orchestrator/jobs.py), then be its driver in the
+foreground (start or join Ray, train, print progress, record how it ended), or submit it as a
+detached Ray job; `--resume` runs a recorded job again from its last checkpoint.
 
-Everything before ``launch.ray_runtime.connect`` is pure: a plan that does not fit, or a dimension
-this launcher cannot run yet, is refused with a PlanInputError (exit 2) before Ray starts.
+The plan and the JobSpec come from orchestrator/launch_plan.py; everything refused there is
+refused before Ray starts.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import shlex
 import sys
 import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from launch.deepspeed_config import deepspeed_config
-from launch import data, placement
+from launch import placement
 from launch.context import resolve_entrypoint
-from launch.job import ATTEMPTS_FILE, STEPS_FILE, JobSpec, job_ds_config
+from launch.job import ATTEMPTS_FILE, STEPS_FILE
 from orchestrator import jobs
-from orchestrator.planning import evaluate_plan, run_plan
+from orchestrator.launch_plan import (
+    DEFAULT_STORAGE,
+    LaunchOptions,
+    check_storage,
+    build_job,
+    choose_plan,
+)
 from planner.errors import PlanInputError
 from planner.evaluate import buffers_for, evaluate
 from planner.hardware import ClusterSpec
 from planner.model import ModelSpec
-from planner.hf_config import LLAMA_LIKE
 from planner.pinned import Pinned
-from planner.search import CAPABILITIES
-from planner.training import ParallelPlan, TrainingSpec
-
-DEFAULT_STORAGE = Path.home() / ".orch" / "runs"
-CPU_PRECISIONS = ("bf16", "fp32")  # DeepSpeed's CPU accelerator rejects fp16 ("not supported on your device")
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """Run options that are not part of the plan."""
-
-    steps: int
-    lr: float = 3e-4
-    name: str | None = None
-    checkpoint_dir: Path | None = None
-    checkpoint_every: int = 0
-    max_failures: int = 0
-    address: str | None = None
-    log_jsonl: Path | None = None
-    seed: int = 0
-    fail_at_step: int = 0
-    entrypoint: str | None = None  # 'package.module:function'; None = the built-in trainer
-    detach: bool = False  # submit through the Ray Jobs API and return
-    dataset: Path | None = None  # local .txt/.jsonl; None = synthetic tokens
-    tokenizer: Path | None = None  # local tokenizer directory; None = the model directory's, else bytes
-    model_source: str | None = None  # what --model named (a directory with weights is loaded, not initialised)
-    preflight: bool = False  # profile the plan on this machine first; move to a ranked plan that fits as measured
-    metrics_host: str = "127.0.0.1"  # each node's metrics endpoint binds here (0.0.0.0: every interface)
-    metrics_port: int = 0  # port of each node's metrics endpoint; 0 = ephemeral
-
-
-# Model families the built-in trainer (launch/trainer.py) runs each model-parallel dimension for.
-# AutoTP shards Llama, Mistral and Qwen2 models; DeepSpeed 0.19 refuses GPT-2 ("AutoTP not supported
-# for model", deepspeed/module_inject/auto_tp.py tp_parser) and Mixtral (its Hugging Face tp_plan's
-# MoE styles, deepspeed/runtime/engine.py _apply_autotp_partitioning). The pipeline layers cut
-# the Llama layout with untied embeddings (launch/pipeline_model.py).
-AUTOTP_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
-PIPELINE_FAMILIES = frozenset(LLAMA_LIKE)
-
-
-def choose_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned) -> ParallelPlan:
-    """The planner's best plan among those the built-in trainer runs, on gloo (CPU) as on nccl:
-    data parallelism with ZeRO 0-3, tensor parallelism through DeepSpeed AutoTP (ZeRO 0-3),
-    pipeline parallelism through DeepSpeed's PipelineModule (ZeRO 0-1; 1 only in bf16, whose
-    checkpoints without ZeRO do not load back), not tp and pp together (the search's "deepspeed"
-    capabilities; each measured on gloo, tests/launch/test_launch_tp_pp.py). On gloo, offload is
-    none unless pinned: a CPU worker's "device" memory is host memory already."""
-    if cluster.backend == "gloo" and training.precision not in CPU_PRECISIONS:
-        raise PlanInputError(
-            f"--precision {training.precision}: DeepSpeed on CPU trains in bf16 or fp32 only",
-            "use --precision bf16 or --precision fp32 on a CPU cluster",
-        )
-    pinned = _runnable_pins(model, training, pinned)
-    if cluster.backend == "gloo" and pinned.offload is None:
-        pinned = pinned.model_copy(update={"offload": "none"})
-    result = run_plan(model, cluster, training, pinned, top=1)
-    if result.best is None:
-        closest = result.search.closest
-        need = f" (the smallest plan, {closest.plan.describe()}, needs {closest.memory.total / 2**30:,.1f} GiB per worker" \
-               f" of {cluster.gpu.memory_bytes / 2**30:,.1f})" if closest is not None else ""
-        hint = result.suggestions[0] if result.suggestions else "a larger cluster or a smaller model ('orch plan' shows what fits)"
-        raise PlanInputError(f"no plan of model '{model.name}' fits cluster '{cluster.name}'{need}", f"use {hint}")
-    return result.best.plan
-
-
-def _runnable_pins(model: ModelSpec, training: TrainingSpec, pinned: Pinned) -> Pinned:
-    """The pins with each dimension the trainer cannot run for this model set to 1 (so the search
-    never chooses it); a pinned one, or a pinned combination DeepSpeed cannot run, is refused."""
-    tied = bool(model.hf_config and model.hf_config.get("tie_word_embeddings", False))
-    cannot = {  # dimension -> why the trainer cannot run it for this model (None: it can)
-        "tp": None if model.family in AUTOTP_FAMILIES else f"DeepSpeed AutoTP does not shard {model.family} models",
-        "pp": None if model.family in PIPELINE_FAMILIES and not tied
-        else f"orch's pipeline layers cut Llama-like models with untied embeddings, not this {model.family} model",
-        "cp": "orch launch does not run context parallelism",
-        "ep": "orch launch does not run expert parallelism",
-        "interleave": "DeepSpeed's pipeline engine has no interleaved schedule",
-    }
-    for dim, why in cannot.items():
-        value = getattr(pinned, dim)
-        if why is not None and value is not None and value > 1:
-            raise PlanInputError(f"--{dim} {value}: {why}", f"drop --{dim} (or pin it to 1)")
-    if pinned.sp:
-        raise PlanInputError("--sp: DeepSpeed AutoTP has no sequence parallelism", "drop --sp")
-    if pinned.recompute == "selective":
-        raise PlanInputError("--recompute selective: that is Megatron's attention-only recompute; transformers "
-                             "models under DeepSpeed recompute whole decoder layers", "use --recompute full (or none)")
-    tp, pp, zero, caps = pinned.tp or 1, pinned.pp or 1, pinned.zero_stage, CAPABILITIES["deepspeed"]
-    if tp > 1 and pp > 1:
-        raise PlanInputError(f"--tp {tp} with --pp {pp}: DeepSpeed AutoTP and PipelineModule do not combine",
-                             "pin --tp or --pp, not both above 1")
-    if pp > 1 and zero is not None and zero not in caps.zero_with_pipeline:
-        raise PlanInputError(f"--pp {pp} with --zero {zero}: DeepSpeed's pipeline engine runs ZeRO "
-                             f"{', '.join(map(str, caps.zero_with_pipeline))} only", "pin --zero 1 with --pp, or drop --pp")
-    if pp > 1 and zero == 0 and training.precision not in caps.pipeline_without_zero:
-        raise PlanInputError(f"--pp {pp} with --zero 0 in {training.precision}: DeepSpeed cannot load the checkpoints "
-                             "of a bf16 pipeline without ZeRO", "pin --zero 1 with --pp (or --precision fp32)")
-    defaults: dict[str, Any] = {dim: 1 for dim, why in cannot.items() if why is not None} | {"sp": False}
-    return pinned.model_copy(update={k: v for k, v in defaults.items() if getattr(pinned, k) is None})
-
-
-def _job_name(model: ModelSpec) -> str:
-    return f"orch-{model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def build_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, opts: LaunchOptions,
-              cluster: ClusterSpec | None = None) -> tuple[JobSpec, Path]:
-    """The job spec the workers receive and the storage path of its checkpoints; with the cluster,
-    the plan's predicted memory, step time and FLOPs, which the workers' metrics are set against."""
-    if model.hf_config is None:
-        raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
-    storage = (opts.checkpoint_dir or DEFAULT_STORAGE).expanduser().resolve()
-    name = opts.name or _job_name(model)
-    ds = job_ds_config(deepspeed_config(plan, training, buffers=buffers_for(model, plan)), opts.steps, opts.lr)
-    job = JobSpec(
-        name=name, run_dir=str(storage / name), hf_config=model.hf_config, ds_config=ds, steps=opts.steps,
-        plan=plan.model_dump(), entrypoint=opts.entrypoint, code_dir=os.getcwd() if opts.entrypoint else None,
-        **_data_fields(model, training, opts),
-        seq_len=training.seq_len, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
-        log_jsonl=str(opts.log_jsonl.resolve()) if opts.log_jsonl else None, fail_at_step=opts.fail_at_step,
-        metrics_host=_metrics_host(opts.metrics_host), metrics_port=opts.metrics_port,
-        **(_planned_fields(model, cluster, training, plan) if cluster is not None else {}),
-    )
-    return job, storage
-
-
-def _metrics_host(host: str) -> str:
-    """--metrics-host as an IP address every node can bind (a name would resolve differently per node)."""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        raise PlanInputError(f"--metrics-host {host!r} is not an IP address",
-                             "pass 127.0.0.1 (this machine only) or 0.0.0.0 (every interface, for a Prometheus elsewhere)") from None
-
-
-def _planned_fields(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> dict[str, Any]:
-    """What the planner predicts for the plan (planner.evaluate, planner.speed), for the metrics."""
-    predicted = evaluate_plan(model, cluster, training, plan)
-    memory = predicted.memory.memory.as_dict()
-    return {
-        "planned_bytes": {k: v for k, v in memory.items() if k != "total"},
-        "planned_step_time_s": predicted.speed.step_time_s,
-        "planned_mfu": predicted.speed.mfu,
-        "flops_per_step": predicted.speed.model_flops,
-        "peak_flops_per_gpu": predicted.speed.peak_flops_per_gpu,
-    }
-
-
-def _data_fields(model: ModelSpec, training: TrainingSpec, opts: LaunchOptions) -> dict[str, str | None]:
-    """Where the workers' weights and tokens come from: a --model directory with weights is
-    loaded rather than initialised, and its tokenizer is the default for --dataset."""
-    source = Path(opts.model_source) if opts.model_source else None
-    pretrained = source if source is not None and source.is_dir() and _has_weights(source) else None
-    if opts.tokenizer is not None and opts.dataset is None:
-        raise PlanInputError("--tokenizer is only used with --dataset", "add --dataset FILE, or drop --tokenizer")
-    tokenizer = opts.tokenizer
-    if tokenizer is None and source is not None and source.is_dir() and data.has_tokenizer(source):
-        tokenizer = source
-    if opts.dataset is not None:
-        data.check(opts.dataset, tokenizer, model.vocab_size, training.seq_len)
-    return {
-        "dataset": str(opts.dataset.resolve()) if opts.dataset else None,
-        "tokenizer": str(tokenizer.resolve()) if tokenizer and opts.dataset else None,
-        "pretrained_dir": str(pretrained.resolve()) if pretrained else None,
-    }
-
-
-def _has_weights(directory: Path) -> bool:
-    """A save_pretrained directory (safetensors or PyTorch weights, sharded or not)."""
-    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+from planner.training import TrainingSpec
 
 
 class Progress(threading.Thread):
@@ -258,19 +93,10 @@ def summary(record: jobs.JobRecord, status: str) -> dict[str, Any]:
     }
 
 
-def _check_storage(path: Path | None) -> None:
-    """A filesystem path (local, or a mount every node shares). Ray Train could persist checkpoints
-    to a bucket, but rank 0's step records, the job record and the metrics discovery files are
-    plain files the driver and Prometheus read."""
-    if path is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(path)):
-        raise PlanInputError(f"--checkpoint-dir {path}: cloud URIs are not supported",
-                             "mount the bucket on every node (s3fs, gcsfuse, a CSI driver) and pass the mount path")
-
-
 def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
             opts: LaunchOptions) -> jobs.JobRecord:
     """Plan and write the job's record; everything here is refused before Ray starts."""
-    _check_storage(opts.checkpoint_dir)
+    check_storage(opts.checkpoint_dir)
     resolve_entrypoint(opts.entrypoint, os.getcwd())  # a bad --entrypoint is refused before any worker starts
     plan = choose_plan(model, cluster, training, pinned)
     if opts.preflight:  # measure the plan here first; move down the ranked plans until it fits

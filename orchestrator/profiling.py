@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.deepspeed_config import deepspeed_config
-from orchestrator.launching import choose_plan
+from orchestrator.launch_plan import choose_plan
 from planner.calibration import MeasuredRecord
 from planner.errors import PlanInputError
 from planner.evaluate import PlanMemory, buffers_for, evaluate

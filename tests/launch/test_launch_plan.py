@@ -11,7 +11,7 @@ import torch
 from launch.job import job_ds_config, warmup_steps
 from launch.synthetic import batch
 from orchestrator.inputs import load_model, resolve_cluster
-from orchestrator.launching import choose_plan
+from orchestrator.launch_plan import choose_plan
 from planner.errors import PlanInputError
 from planner.pinned import Pinned
 from planner.training import TrainingSpec

@@ -32,7 +32,7 @@ from launch.pipeline_model import CausalLMLoss, pipeline_layers, sequential_loss
 from launch.synthetic import batch
 from launch.trainer import build_model
 from orchestrator.inputs import load_model, resolve_cluster
-from orchestrator.launching import choose_plan
+from orchestrator.launch_plan import choose_plan
 from planner.errors import PlanInputError
 from planner.hardware import dgx_cluster, gpu_by_name
 from planner.pinned import Pinned

@@ -79,19 +79,26 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def test_two_nodes_one_worker_each_trains_on_a_dataset(tmp_path: Path, dataset: Path) -> None:
+    """dp2 with ZeRO-2 and full recompute across two Ray nodes, on the bytes of a local corpus."""
     from ray.cluster_utils import Cluster
 
+    log = tmp_path / "steps.jsonl"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        proc = orch("launch", *TINY, "--zero", "2", "--steps", "20", "--address", cluster.address,
-                    "--dataset", str(dataset), "--checkpoint-dir", str(tmp_path / "runs"), "--name", "two-node", "--json")
+        proc = orch("launch", *TINY, "--zero", "2", "--recompute", "full", "--steps", "20", "--address", cluster.address,
+                    "--dataset", str(dataset), "--checkpoint-dir", str(tmp_path / "runs"), "--name", "two-node",
+                    "--log-jsonl", str(log), "--json")
         summary = last_json(proc)
     finally:
         cluster.shutdown()
-    assert summary["status"] == "succeeded" and summary["steps"] == 20
+    assert summary["status"] == "succeeded" and summary["steps"] == 20 and summary["restarts"] == 0
+    assert summary["plan"]["dp"] == 2 and summary["plan"]["zero_stage"] == 2 and summary["plan"]["recompute"] == "full"
     assert summary["final_loss"] < summary["initial_loss"] - 0.5  # bytes of a repetitive corpus are learnable
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert set(records[0]) == {"step", "loss", "tokens", "step_time_s", "restarts"}
     ranks = [json.loads(line) for line in (tmp_path / "runs" / "two-node" / "orch_ranks.jsonl").read_text().splitlines()]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     assert len({r["node_id"] for r in ranks}) == 2, ranks  # one worker on each node

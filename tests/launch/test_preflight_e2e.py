@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.inputs import CLUSTER_DIR, load_cluster, load_model, resolve_cluster
-from orchestrator.launching import choose_plan
+from orchestrator.launch_plan import choose_plan
 from orchestrator.preflight import preflight
 from orchestrator.profiling import profile_plan
 from planner.pinned import Pinned

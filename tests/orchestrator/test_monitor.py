@@ -158,7 +158,7 @@ def test_dashboard_is_provisioning_ready_and_names_declared_metrics():
 
 def test_the_job_spec_carries_the_plan_the_metrics_are_set_against(tmp_path: Path):
     from orchestrator.inputs import load_model, resolve_cluster
-    from orchestrator.launching import LaunchOptions, build_job, choose_plan
+    from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan
     from orchestrator.planning import evaluate_plan
     from planner.pinned import Pinned
     from planner.training import TrainingSpec
