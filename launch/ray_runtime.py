@@ -31,18 +31,26 @@ def connect(address: str | None, workers: Workers) -> None:
     """Start an embedded cluster (no address) or join ``address``, then check
     that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address is not None:
+        _use_token_auth()  # before ray is imported (see _use_token_auth)
     import ray
 
     if address is None:
         need = workers.num_workers * workers.cpus_per_worker
-        # No dashboard: an embedded cluster needs no Jobs API, and the default port (8265) stays
-        # free for a persistent head that detached jobs are submitted to.
         # address="local": always a new cluster, never a `ray start` head this machine may run
         # (ray.init() without an address joins /tmp/ray/ray_current_cluster when it exists).
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True, include_dashboard=False,
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; it
+        # gets a free port so that Ray's default (8265) stays with whoever holds it.
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
                  configure_logging=True, logging_level="WARNING")
     else:
-        ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        try:
+            ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+        except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: one line
+            detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            raise PlanInputError(f"cannot join the Ray cluster at {address} ({detail})",
+                                 "check the address ('ray status' on the head) and its auth token (~/.ray/auth_token)") from None
     try:
         where = address or "the embedded cluster"
         _preflight(ray.cluster_resources(), workers, where)
@@ -51,6 +59,14 @@ def connect(address: str | None, workers: Workers) -> None:
     except PlanInputError:
         shutdown()
         raise
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _preflight(resources: dict[str, float], workers: Workers, where: str) -> None:
@@ -274,3 +290,26 @@ def stop_job(dashboard: str, name: str, timeout_s: float = 120.0) -> str:
         time.sleep(0.5)
         status = job_status(dashboard, name)
     return status
+
+
+def stop_local_head() -> None:
+    """End orch's local head for detached jobs, and only it (`ray stop` would end every Ray cluster
+    on the machine): every process of the Ray session whose GCS listens on orch's head port."""
+    import psutil
+
+    sessions = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if proc.info["name"] == "gcs_server" and any(c.laddr.port == LOCAL_HEAD_PORT for c in proc.net_connections("tcp")):
+                sessions |= {a.split("=", 1)[1] for a in proc.info["cmdline"] if a.startswith("--session-name=")}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    marks = [*sessions, f":{LOCAL_HEAD_PORT} ", f"--address=127.0.0.1:{LOCAL_HEAD_PORT}"]
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if p.pid != os.getpid() and any(m in " ".join(p.info["cmdline"] or []) + " " for m in marks)]
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)

@@ -157,30 +157,9 @@ def test_detached_entrypoint_status_logs_and_stop(tmp_path: Path) -> None:
         assert not drivers, "the detached driver is still running"
         assert last_json(orch("status", "detached", "--checkpoint-dir", str(runs), "--json"))["state"] == "stopped"
     finally:
+        from launch.ray_runtime import stop_local_head
+
         stop_local_head()
-
-
-def stop_local_head() -> None:
-    """End orch's local head (and only it: `ray stop` would end every Ray cluster on the machine):
-    every process of the Ray session whose GCS listens on orch's head port."""
-    from launch.ray_runtime import LOCAL_HEAD_PORT
-
-    sessions = set()
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if proc.info["name"] == "gcs_server" and any(c.laddr.port == LOCAL_HEAD_PORT for c in proc.net_connections("tcp")):
-                sessions |= {a.split("=", 1)[1] for a in proc.info["cmdline"] if a.startswith("--session-name=")}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    marks = [*sessions, f":{LOCAL_HEAD_PORT} ", f"--address=127.0.0.1:{LOCAL_HEAD_PORT}"]
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if p.pid != os.getpid() and any(m in " ".join(p.info["cmdline"] or []) + " " for m in marks)]
-    for proc in victims:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
 
 
 def test_refusals_before_any_worker_starts(tmp_path: Path, dataset: Path) -> None:
