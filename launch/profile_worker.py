@@ -312,7 +312,7 @@ def _cpu_peak(meter: Meter) -> Iterator[dict[str, int]]:
     allocated before the step and freed during it is not reported, which can only raise the figure."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    last = meter.records[-1]
+    last = next(r for r in reversed(meter.records) if "parameters" in r)  # a snapshot, not the last step's peak record
     base = sum(int(last.get(k, 0)) for k in COMPONENTS)
     out: dict[str, int] = {}
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -31,8 +31,8 @@ def connect(address: str | None, workers: Workers) -> None:
     """Start an embedded cluster (no address) or join ``address``, then check
     that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if address is not None:
-        _use_token_auth()  # before ray is imported (see _use_token_auth)
+    if address in (f"127.0.0.1:{LOCAL_HEAD_PORT}", f"localhost:{LOCAL_HEAD_PORT}"):
+        _use_token_auth()  # orch's own head runs with token auth; other clusters: as RAY_AUTH_MODE says
     import ray
 
     if address is None:
@@ -181,17 +181,19 @@ def jobs_address(address: str | None) -> str:
 
 
 def _use_token_auth() -> None:
-    """Ray 2.5x+ turns token authentication on for clusters it starts and keeps the token in
-    ~/.ray/auth_token, but the Jobs API client only sends it when RAY_AUTH_MODE=token
-    (ray/_private/authentication/authentication_token_setup.py): say so when a token exists and
-    the user has not chosen a mode."""
+    """Ray 2.5x+ turns token authentication on for the local head orch starts (`ray start`) and
+    keeps the token in ~/.ray/auth_token, but a client joining by address or the Jobs API only
+    sends it when RAY_AUTH_MODE=token (ray/_private/authentication/authentication_token_setup.py):
+    say so for orch's own head, when a token exists and the user has not chosen a mode. Clusters
+    given by --address follow the user's RAY_AUTH_MODE, as Ray's own tools do."""
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if "RAY_AUTH_MODE" not in os.environ and (token.exists() or "RAY_AUTH_TOKEN" in os.environ):
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _client(dashboard: str):  # type: ignore[no-untyped-def]
-    _use_token_auth()  # before ray is imported: its C++ layer reads the mode once
+    if dashboard == LOCAL_DASHBOARD:
+        _use_token_auth()  # before ray is imported: its C++ layer reads the mode once
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -63,6 +63,7 @@ def _ray_latest() -> Iterator[str | None]:
 def _ray_reporter(job: JobSpec, rank: int, restarts: int, observe=None):  # type: ignore[no-untyped-def]
     """``observe(record, persist_s)``: the metrics hook (launch/metrics.py), every rank, every step."""
     import ray.train
+    from ray.train.v2.api.report_config import CheckpointConsistencyMode
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         record = {**metrics, "restarts": restarts}
@@ -77,6 +78,11 @@ def _ray_reporter(job: JobSpec, rank: int, restarts: int, observe=None):  # type
         if checkpoint_dir:
             started = time.perf_counter()
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+            # Block until the controller has committed it: a rank that dies right after must find
+            # this checkpoint on restart (ray/train/v2/api/train_fn_utils.py
+            # ``get_all_reported_checkpoints``: "blocks until Ray Train has finished processing
+            # every in-flight report call").
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             persist_s = time.perf_counter() - started
         if observe is not None:
             observe(record, persist_s)

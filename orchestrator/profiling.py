@@ -2,8 +2,8 @@
 machine for a few steps (``launch.profile_worker``; gloo on CPU, NCCL on local GPUs), and set each
 measured memory component of the most loaded rank against the planner's prediction.
 
-Measured components (bytes of unique live storages, see ``launch.profile_worker``), mirroring how
-``planner.evaluate`` composes its peak:
+Measured components (bytes of unique live storages, see ``launch.profile_worker``), each at its
+largest as ``planner.evaluate`` counts the components:
 - parameters, optimizer: the largest over all snapshots;
 - activations: the saved-for-backward storages at the end of the forward;
 - gradients: the largest at the backward, or at the optimizer step less the activations (the
@@ -14,8 +14,11 @@ Measured components (bytes of unique live storages, see ``launch.profile_worker`
 - device peak D: GPU R + the device memory outside the allocator (context, NCCL, cuBLAS; from
   torch.cuda.mem_get_info); CPU A;
 - peak and overhead: GPU D and D - A (against the planner's context + NCCL + fragmentation
-  margin); CPU A and 0. The bytes glibc malloc holds free on CPU (mallinfo2, in each snapshot as
-  ``malloc_free``) are not counted: they grow with the steps run and hardly with the model.
+  margin); CPU A and 0.
+The bytes glibc malloc holds free on CPU (mallinfo2, in each snapshot as ``malloc_free``) are not
+counted: they grow with the steps run and hardly with the model. The planner's peak is not the sum
+of its components but the largest of what is alive together at one phase of the step
+(planner.phases); its live bytes (``peak_allocated``) are set against A.
 """
 
 from __future__ import annotations
@@ -62,11 +65,15 @@ class Profile:
     oom: bool = False  # a rank ran out of device memory (the measured peaks are then lower bounds)
 
     def as_json(self) -> dict[str, Any]:
+        """Components, the peak (with overhead) and the allocated peak (live tensors: the planner's
+        peak phase against A), predicted against measured."""
         mem = self.plan.memory
         return {
             "device": self.device,
             "components": {c: {"predicted": getattr(mem, c), "measured": self.measured[c]} for c in COMPONENTS},
             "peak": {"predicted": mem.total, "measured": self.measured["peak"]},
+            "allocated_peak": {"predicted": mem.peak_allocated, "measured": self.measured["allocated_peak"],
+                               "phase": mem.peak_phase},
         }
 
     def record(self, model: ModelSpec, training: TrainingSpec, buffers: ZeroBuffers) -> MeasuredRecord:
@@ -78,7 +85,7 @@ class Profile:
             plan=p.model_dump(), training=training.model_dump(), buffers=buffers.model_dump(),
             device=self.device, is_gpu=self.device != "cpu",
             num_groups=process_groups(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep),
-            predicted={c: getattr(self.plan.memory, c) for c in COMPONENTS},
+            predicted={**{c: getattr(self.plan.memory, c) for c in COMPONENTS}, "peak_allocated": self.plan.memory.peak_allocated},
             allocated_peak_bytes=self.measured["allocated_peak"], reserved_peak_bytes=self.measured["reserved_peak"],
             device_peak_bytes=self.measured["device_peak"], capacity_bytes=self.plan.gpu_memory_bytes, oom=self.oom,
             phases=self.records,
@@ -134,8 +141,8 @@ def _spawn(job: dict[str, Any], world: int, workdir: Path) -> list[dict[str, Any
 
 
 def measured_components(records: list[dict[str, Any]]) -> dict[str, int]:
-    """Components of one rank from its snapshots, composed as the planner composes its peak, and
-    its allocated, reserved and device peaks (see the module docstring)."""
+    """Components of one rank from its snapshots, each at its largest as the planner counts it,
+    and its allocated, reserved and device peaks (see the module docstring)."""
     snaps = [r for r in records if "parameters" in r]
     out = dict.fromkeys(COMPONENTS, 0)
     snapshot_peak = 0
@@ -258,7 +265,8 @@ def print_profile(console: Any, result: Profile) -> None:
     for col in ("component", "predicted", "measured", "error"):
         table.add_column(col, justify="left" if col == "component" else "right")
     rows = result.as_json()
-    for name, row in [*rows["components"].items(), ("peak", rows["peak"])]:
+    phase = rows["allocated_peak"]["phase"]
+    for name, row in [*rows["components"].items(), ("peak", rows["peak"]), (f"allocated peak ({phase})", rows["allocated_peak"])]:
         err = error_pct(row["predicted"], row["measured"])
         table.add_row(name, f"{row['predicted']:,}", f"{row['measured']:,}", "n/a" if err is None else f"{err:+.1f}%")
     console.print(table)
@@ -266,4 +274,5 @@ def print_profile(console: Any, result: Profile) -> None:
         where = "bytes the device holds beyond live tensors (allocator slack, CUDA context, NCCL, cuBLAS); peak: both"
     else:
         where = "0 on CPU (no CUDA context or NCCL; glibc's free bytes not counted); peak: the true peak of live tensors"
-    console.print(f"[dim]overhead measured: {where}. Error = (predicted - measured) / measured.[/]")
+    console.print(f"[dim]overhead measured: {where}. Allocated peak: live tensors at the peak, the planner's at the "
+                  f"phase of the step that sets it. Error = (predicted - measured) / measured.[/]")

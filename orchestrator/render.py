@@ -41,7 +41,8 @@ def plan_json(c: Candidate, model: ModelSpec, finetune: FinetuneSpec | None = No
         "grad_accum": plan.grad_accum,
         "recompute": plan.recompute,
         "offload": plan.offload,
-        "memory": p.memory.as_dict(),
+        "memory": {**p.memory.as_dict(), "peak_allocated": p.memory.peak_allocated},  # total = peak_allocated + overhead
+        "peak_phase": p.memory.peak_phase,
         "fits": p.fits,
         "most_loaded_stage": p.stage,
         "params_per_gpu": p.params_on_rank,
@@ -96,9 +97,17 @@ def stacked_bar(p: PlanMemory) -> Text:
     return bar
 
 
+PHASES = {"forward": "in the forward", "loss": "at the loss's gradient", "backward": "in the backward",
+          "step": "at the optimizer step"}
+
+
 def plan_table(model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_footer=True)
-    table.add_column("component", footer="total")
+    """Each component at its own largest, and the peak (what is alive together at the phase that
+    sets it, planner.phases) as the footer: the components do not add up to it."""
+    table = Table(title=title, title_justify="left", show_footer=True,
+                  caption=f"peak {PHASES[p.memory.peak_phase]}; components at their own largest",
+                  caption_justify="left")
+    table.add_column("component", footer="peak")
     table.add_column("per GPU", justify="right", footer=gib(p.memory.total))
     table.add_column("share of GPU", justify="right", footer=f"{p.memory.total / p.gpu_memory_bytes:.0%}")
     for name in COMPONENTS:

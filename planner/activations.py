@@ -13,7 +13,13 @@ V vocabulary. All results are bytes per rank for one micro-batch unless named ot
 
 from __future__ import annotations
 
-from planner.activations_hf import hf_head_bytes, hf_layer_bytes, hf_embedding_bytes
+from planner.activations_hf import (
+    hf_backward_working_bytes,
+    hf_embedding_bytes,
+    hf_head_bytes,
+    hf_layer_bytes,
+    hf_loss_grad_bytes,
+)
 from planner.finetune import FinetuneSpec
 from planner.model import ModelSpec
 from planner.params import layers_per_stage
@@ -71,6 +77,58 @@ def megatron_head_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan
     sbh = s * plan.micro_batch * m.hidden_size
     norm = 2 * sbh / (plan.tp if plan.sp else 1)
     return norm + 2 * sbh / (plan.tp if plan.sp else 1) + 4 * s * plan.micro_batch * m.vocab_size / plan.tp
+
+
+def megatron_loss_grad_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Megatron-LM's vocab-parallel cross entropy keeps the fp32 softmax (4sbV/t, in
+    megatron_head_bytes) and writes the loss gradient into it in place
+    (megatron/core/tensor_parallel/cross_entropy.py, _VocabParallelCrossEntropy.backward:
+    ``grad_input = softmax``); what the backward adds is that gradient cast back to the 16-bit
+    logits, 2sbV/t (none in fp32)."""
+    s = training.seq_len // plan.cp
+    if activation_dtype_bytes(training) == 4:
+        return 0.0
+    return 2 * s * plan.micro_batch * m.vocab_size / plan.tp
+
+
+def loss_grad_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int,
+                    finetune: FinetuneSpec | None = None) -> int:
+    """Bytes the loss's gradient adds to the saved activations at the start of the backward, on the
+    last pipeline stage (none elsewhere, and none for MeZO, which has no backward)."""
+    if stage != plan.pp - 1 or (finetune is not None and finetune.method == "mezo"):
+        return 0
+    grad = megatron_loss_grad_bytes if m.implementation == "megatron" else hf_loss_grad_bytes
+    return int(grad(m, training, plan))
+
+
+def backward_working_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, *, head: bool = False) -> int:
+    """The working set inside one layer's backward (``head``: the final norm's) beyond the
+    activations of the layers before it (planner.activations_hf.hf_backward_working_bytes;
+    Megatron-LM's fused kernels: the residual stream's two gradients, and in a layer the MLP's
+    three, 2sbh + 3sbf/t in 16-bit)."""
+    if m.implementation == "megatron":
+        s = training.seq_len // plan.cp
+        e = activation_dtype_bytes(training)
+        mlp = 0 if head else 3 * m.ffn_hidden_size / plan.tp
+        return int(s * plan.micro_batch * e * (2 * m.hidden_size / (plan.tp if plan.sp else 1) + mlp))
+    return int(hf_backward_working_bytes(m, training, plan, head=head))
+
+
+def backward_activation_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> tuple[int, ...]:
+    """Activation bytes of one micro-batch each part of a stage frees as the backward passes it, in
+    backward order: the head (last stage), each layer, the embedding (first stage); they sum to
+    stage_activation_bytes with one micro-batch in flight. Under full recompute a layer frees its
+    checkpointed input, and the one layer rebuilt for the backward is freed last (counted one layer
+    high in between)."""
+    n_layers = layers_per_stage(m.num_layers, plan.pp)[stage]
+    per_layer = layer_bytes(m, training, plan)
+    kept = layer_input_bytes(m, training, plan) if plan.recompute == "full" else per_layer
+    rebuilt = per_layer if plan.recompute == "full" else 0.0
+    embed, head = (megatron_embedding_bytes, megatron_head_bytes) if m.implementation == "megatron" else (hf_embedding_bytes, hf_head_bytes)
+    parts = [head(m, training, plan)] if stage == plan.pp - 1 else []
+    parts += [kept] * n_layers
+    parts.append((embed(m, training, plan) if stage == 0 else 0.0) + rebuilt)
+    return tuple(int(p) for p in parts)
 
 
 def layer_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:

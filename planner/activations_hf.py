@@ -131,3 +131,46 @@ def hf_head_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> f
     log_softmax = tokens * 4 * m.vocab_size / plan.tp
     targets = 8 * tokens + (8 if plan.micro_batch == 1 else 0) + 4
     return norm + lm_head_input + log_softmax + targets
+
+
+def hf_loss_grad_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
+    """Bytes the start of the backward adds to the saved activations on the last stage: the loss's
+    fp32 gradients over the logits. transformers' ForCausalLMLoss (transformers/loss/loss_utils.py)
+    upcasts the logits (``logits.float()``) and calls ``cross_entropy`` = log_softmax + nll_loss; in
+    the backward NllLossBackward writes a dense fp32 gradient of the log-softmax output (4V per
+    token) and LogSoftmaxBackward (``_log_softmax_backward_data``) the fp32 gradient of the logits
+    (4V) while the first and the saved log-softmax are alive: 8V per token (split by t with the
+    vocabulary). NllLossBackward has freed its saved targets and weight by then (hf_head_bytes'
+    8 per token, 8 more when b = 1, and 4). Later steps hold less: the cast back to the 16-bit
+    logits' gradient (2V) comes after the log-softmax and its gradient are freed.
+    Measured exactly on CPU ranks (tests/launch/test_profile.py)."""
+    _, tokens, _ = _dims(m, training, plan)
+    targets = 8 * tokens + (8 if plan.micro_batch == 1 else 0) + 4
+    return 8 * tokens * m.vocab_size / plan.tp - targets
+
+
+def hf_backward_working_bytes(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, *, head: bool = False) -> float:
+    """The largest working set inside one layer's backward (``head``: the final norm's), beyond the
+    activations of the layers before it: the gradients of the residual stream coming in and going
+    out (2eh per token), and the largest of
+    - RMSNorm's backward (LlamaRMSNorm upcasts to fp32: the fp32 output gradient, the normalised
+      input's, the mean's expanded gradient and pow's two products are alive together, about five
+      fp32 h-vectors, 20h per token; the peaks it sets are measured within 2%,
+      tests/planner/test_phases.py),
+    - the gated MLP's (down_proj's input gradient, then the gate and up outputs' from the product's
+      backward, 3ef; a GELU MLP: the tanh chain's three, 3ef), split by t with the MLP,
+    - eager attention's softmax backward: per score the layer's own fp32 softmax output, its
+      incoming gradient cast to fp32 and the fp32 result of ``_softmax_backward_data``, 12 bytes,
+      beside what the rest of the layer's backward still needs: q and k (2e ad per token) and the
+      input norm's saved tensors (4h + 2eh + 4).
+    LayerNorm (GPT-2) runs its backward in one fused kernel: no norm term."""
+    _, tokens, e = _dims(m, training, plan)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    whole = plan.tp if plan.sp else 1
+    norm = tokens * 20 * h / whole if m.norm == "rmsnorm" else 0
+    mlp = 0.0 if head else tokens * 3 * e * f / plan.tp
+    scores = 0.0
+    if training.attention == "eager" and plan.recompute != "selective" and not head:
+        scores = (_eager_scores_bytes(m, training, plan, e, 12) + tokens * 2 * e * m.q_width) / plan.tp
+        scores += tokens * (4 * h + 2 * e * h + 4) / whole
+    return tokens * 2 * e * h / whole + max(norm, mlp, scores)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from planner.activations import stage_activation_bytes
+from planner.activations import loss_grad_bytes, stage_activation_bytes
 from planner.finetune import FinetuneSpec
 from planner.finetune_states import finetune_states
 from planner.hardware import ClusterSpec
@@ -13,12 +13,19 @@ from planner.model_states import ShardShape, StateBytes, state_bytes
 from planner.partition import first_bucket, partition_span
 from planner.overheads import Overheads, overhead_bytes, process_groups
 from planner.params import layers_per_stage, stage_params, stage_tensor_sizes
+from planner.phases import Phase, PhaseName, backward_segments, peak, step_phases
 from planner.training import ParallelPlan, TrainingSpec
 from planner.zero_buffers import ZeroBuffers, plan_buffers
 
 
+COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")
+
+
 class MemoryBreakdown(BaseModel):
-    """Bytes one rank holds at its peak, by component."""
+    """Bytes of one rank: each component at its own largest over the step, and the peak, the
+    largest of what is alive together at one phase of the step (planner.phases). The components
+    are not alive together, so they add up to more than the peak's live bytes, or, where the
+    loss's gradient sets the peak, to less."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -26,14 +33,18 @@ class MemoryBreakdown(BaseModel):
     gradients: int
     optimizer: int
     activations: int
-    overhead: int
+    overhead: int  # context, communicators, and allocator slack on the peak's live bytes
+    peak_allocated: int  # live tensor bytes at the peak (the planner's torch.cuda.max_memory_allocated)
+    peak_phase: PhaseName  # the phase of the step that sets the peak (planner.phases)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.overhead
+        """What the rank needs at its peak: what ``fits`` compares with the device."""
+        return self.peak_allocated + self.overhead
 
     def as_dict(self) -> dict[str, int]:
-        return {**self.model_dump(), "total": self.total}
+        """The components and the peak's total, bytes (the JSON contract's ``memory``)."""
+        return {**{c: getattr(self, c) for c in COMPONENTS}, "total": self.total}
 
 
 class PlanMemory(BaseModel):
@@ -74,18 +85,21 @@ def rank_states(
     stage: int,
     buffers: ZeroBuffers | None,
     finetune: FinetuneSpec | None = None,
+    *,
+    gloo: bool = False,
 ) -> tuple[StateBytes, int]:
     """Model states of a rank in ``stage``: dense parameters shard over dp, expert parameters over
-    the expert-data-parallel group dp/ep (DeepSpeed MoE, ``expert_data_parallel_group``)."""
+    the expert-data-parallel group dp/ep (DeepSpeed MoE, ``expert_data_parallel_group``). ``gloo``:
+    the ranks talk over gloo (planner.model_states.state_bytes)."""
     sp = stage_params(model, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
     if finetune is not None and finetune.method != "full":
         return finetune_states(model, finetune, training, plan, stage, buffers), sp.total
     fp32_grads = model.implementation == "megatron"
     dense = _shape(model, plan, stage, expert=False, buffers=buffers)
-    states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
+    states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads, gloo=gloo)
     if sp.expert:
         expert = _shape(model, plan, stage, expert=True, buffers=None)
-        states += state_bytes(expert, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads)
+        states += state_bytes(expert, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads, gloo=gloo)
     return states, sp.total
 
 
@@ -111,33 +125,28 @@ def evaluate(
     activation_bytes_override: dict[int, int] | None = None,
     finetune: FinetuneSpec | None = None,
 ) -> PlanMemory:
-    """Memory of the most loaded rank over all pipeline stages.
+    """Memory of the most loaded rank over all pipeline stages: the rank with the highest peak.
 
     ``activation_bytes_override`` maps stage -> activation bytes measured by the trace."""
     overheads = overheads or cluster.overheads
     buffers = buffers if buffers is not None else buffers_for(model, plan)
     groups = process_groups(dp=plan.dp, tp=plan.tp, pp=plan.pp, cp=plan.cp, ep=plan.ep)
+    gloo = cluster.backend == "gloo"
     best: PlanMemory | None = None
     for stage in _candidate_stages(model.num_layers, plan.pp):
-        states, n_params = rank_states(model, training, plan, stage, buffers, finetune)
+        states, n_params = rank_states(model, training, plan, stage, buffers, finetune, gloo=gloo)
         if activation_bytes_override is not None:
             acts = activation_bytes_override[stage]
         else:
             acts = stage_activation_bytes(model, training, plan, stage, finetune)
-        # The optimizer step adds fp32 gradient copies after the activations are freed, beside the
-        # gradient bytes that outlive the backward (ZeRO-1/2: the partition buffer, not the bucket):
-        # the peak is the larger of the backward peak and the step peak; the excess is shown under
-        # gradients (measured, tests/launch/test_profile.py).
-        step_excess = max(0, states.gradients_at_step + states.step_extra - states.gradients - acts)
-        allocated = states.parameters + states.gradients + step_excess + states.optimizer + acts
+        top = stage_peak(model, training, plan, stage, states, acts, finetune)
         mem = MemoryBreakdown(
-            parameters=states.parameters,
-            gradients=states.gradients + step_excess,
-            optimizer=states.optimizer,
-            activations=acts,
+            **_components(states, acts),
             overhead=overhead_bytes(
-                overheads, allocated_bytes=allocated, num_groups=groups, is_gpu=cluster.gpu.name != "cpu"
+                overheads, allocated_bytes=top.total, num_groups=groups, is_gpu=cluster.gpu.name != "cpu"
             ),
+            peak_allocated=top.total,
+            peak_phase=top.name,
         )
         result = PlanMemory(
             plan=plan,
@@ -152,6 +161,26 @@ def evaluate(
             best = result
     assert best is not None
     return best
+
+
+def _components(states: StateBytes, acts: int) -> dict[str, int]:
+    """Each component at its own largest. The optimizer step adds fp32 gradient copies after the
+    activations are freed, beside the gradient bytes that outlive the backward (ZeRO-1/2: the
+    partition buffer, not the bucket); where the step's gradients exceed the backward's gradients
+    and activations together, the excess is shown under gradients (measured,
+    tests/launch/test_profile.py)."""
+    step_excess = max(0, states.gradients_at_step + states.step_extra - states.gradients - acts)
+    return {"parameters": states.parameters, "gradients": states.gradients + step_excess,
+            "optimizer": states.optimizer, "activations": acts}
+
+
+def stage_peak(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, states: StateBytes,
+               acts: int, finetune: FinetuneSpec | None = None) -> Phase:
+    """The phase of a step with the most bytes alive on a rank of ``stage`` (planner.phases). The
+    backward is walked where the states model it (full training, one micro-batch per step, no
+    offload); elsewhere every gradient is counted beside every activation."""
+    segments = backward_segments(model, training, plan, stage) if states.backward is not None else []
+    return peak(step_phases(states, acts, loss_grad_bytes(model, training, plan, stage, finetune), segments))
 
 
 def buffers_for(model: ModelSpec, plan: ParallelPlan) -> ZeroBuffers:

@@ -1,6 +1,6 @@
 """`orch profile` on CPU: two real DeepSpeed ranks (gloo) per ZeRO stage, every live tensor storage
 accounted for, set against the planner's prediction (issue 7: model states within 2%, activations
-within 3%).
+within 3%, the peak of live tensors within 3%).
 
 The ZeRO reduce bucket is set below the model's size (20,000 elements), so that gradients pass
 through several buckets as in a real model (by default the plan caps the bucket at the model's
@@ -19,9 +19,10 @@ import pytest
 
 from orchestrator.inputs import load_model, resolve_cluster
 from orchestrator.profiling import COMPONENTS, Profile, error_pct, measured_components, profile_plan
+from planner.params import total_params
 from planner.pinned import Pinned
 from planner.training import TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.zero_buffers import ZeroBuffers, plan_buffers
 
 ORCH = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 BUFFERS = ZeroBuffers(reduce_bucket_size=20_000, stage3_param_persistence_threshold=0)
@@ -106,10 +107,62 @@ def test_activations_within_3_percent(profiles: dict[int, Profile], stage: int) 
     assert abs(error_pct(p.plan.memory.activations, p.measured["activations"])) <= 3.0, p.as_json()
 
 
+# The peak: the loss's fp32 gradients over the logits (8V per token) beside every activation, at the
+# start of the backward (planner.phases), for every stage here: 5,767,680 B predicted against
+# 5,767,768 B measured at stages 1 and 2 (stage 1's sum of the components, 5,114,308 B, was 11% low).
+# 3%: the terms of the phase that sets the peak are each counted exactly; the rest is left to
+# allocator events that torch or DeepSpeed versions may add.
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", STAGES)
+def test_peak_within_3_percent(profiles: dict[int, Profile], stage: int) -> None:
+    p = profiles[stage]
+    assert p.plan.memory.peak_phase == "loss", p.as_json()
+    assert abs(error_pct(p.plan.memory.peak_allocated, p.measured["allocated_peak"])) <= 3.0, p.as_json()
+
+
+# A Llama-shaped model with Llama 2's 32,000-token vocabulary (20M parameters, half of them in the
+# embedding and the output layer), two plans (about 20 s each on two free cores):
+# - ZeRO-2, micro-batch 4: the loss's fp32 gradients over the logits (8V per token, 131 MB) beside
+#   every activation set the peak: 374,841,344 B predicted, 374,841,624 B measured; the sum of the
+#   components (301,763,076 B) was 20% low;
+# - ZeRO-3, micro-batch 1: the end of the backward sets it, its single reduce copying the whole
+#   bucket twice (reduce_scatter_coalesced's flat copy, gloo's clone) beside the partitions, the
+#   embedding still gathered: 286,391,808 B predicted, 286,392,625 B measured.
+# 3% as above: every term of those phases is counted exactly. (A ZeRO-1 peak at the optimizer step
+# is left out: under a loaded CPU, gloo's asynchronous work sometimes keeps a bucket-sized buffer
+# alive into the step, 38 MB more in one run of five.)
+LLAMA_SHAPED = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 688, "vocab_size": 32000,
+                "max_position_embeddings": 1024, "hidden_act": "silu", "tie_word_embeddings": False}
+LLAMA_PLANS = {"z2-mb4-s128": (2, 4, 128, "loss"), "z3-mb1-s64": (3, 1, 64, "backward")}
+
+
+@pytest.fixture(scope="module")
+def llama_profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Profile]:
+    """One after the other: the bigger model's ranks take both cores."""
+    path = tmp_path_factory.mktemp("llama-shaped") / "config.json"
+    path.write_text(json.dumps(LLAMA_SHAPED))
+    model, cluster = load_model(str(path)), resolve_cluster("cpu-2", None, None, None)
+    # The plan's own buffers (the bucket capped at the model), stage 3 partitioning every parameter.
+    buffers = plan_buffers(total_params(model), ZeroBuffers(stage3_param_persistence_threshold=0))
+    return {name: profile_plan(model, cluster, TrainingSpec(seq_len=seq), Pinned(zero_stage=zero, micro_batch=mb),
+                               steps=2, buffers=buffers)
+            for name, (zero, mb, seq, _) in LLAMA_PLANS.items()}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", LLAMA_PLANS)
+def test_llama_shaped_peak_within_3_percent(llama_profiles: dict[str, Profile], name: str) -> None:
+    p = llama_profiles[name]
+    assert p.plan.plan.dp == 2 and p.plan.memory.peak_phase == LLAMA_PLANS[name][3], p.as_json()
+    assert abs(error_pct(p.plan.memory.peak_allocated, p.measured["allocated_peak"])) <= 3.0, p.as_json()
+
+
 @pytest.mark.e2e
 def test_json_contract(profiles: dict[int, Profile]) -> None:
     out = json.loads(json.dumps(profiles[2].as_json()))
     assert out["device"] == "cpu" and set(out["components"]) == set(COMPONENTS)
+    assert out["allocated_peak"]["phase"] in ("forward", "loss", "backward", "step")
     assert all(set(v) == {"predicted", "measured"} and isinstance(v["measured"], int) for v in out["components"].values())
     assert out["components"]["overhead"]["measured"] == 0 and out["peak"]["measured"] > 0
     # The true peak (allocator events between snapshots) is at least every snapshot's total.

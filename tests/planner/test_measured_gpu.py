@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from planner.calibration import MeasuredRecord, parse_records
-from planner.evaluate import evaluate
+from planner.evaluate import COMPONENTS, evaluate
 from planner.hardware import dgx_cluster, gpu_by_name
 from planner.hf_config import spec_from_hf_config
 from planner.presets import preset
@@ -74,7 +74,7 @@ def test_the_check_catches_a_wrong_prediction_and_a_wrong_verdict(tmp_path: Path
     allocated = mem.memory.total - mem.memory.overhead
     base = MeasuredRecord(
         model="debug", gpu="h100-80gb", plan=plan.model_dump(), training=training.model_dump(), device="NVIDIA H100 80GB HBM3",
-        is_gpu=True, num_groups=1, predicted=mem.memory.model_dump(), allocated_peak_bytes=allocated,
+        is_gpu=True, num_groups=1, predicted={c: getattr(mem.memory, c) for c in COMPONENTS}, allocated_peak_bytes=allocated,
         reserved_peak_bytes=allocated, device_peak_bytes=mem.memory.total, capacity_bytes=gpu.memory_bytes,
     )
     records = [base, base.model_copy(update={"allocated_peak_bytes": int(allocated * 1.2)}), base.model_copy(update={"oom": True})]
