@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 STEPS_FILE = "orch_steps.jsonl"  # rank 0's per-step records, inside the run directory
-RANKS_FILE = "orch_ranks.jsonl"  # one line per worker start: rank, node, host, pid
+RANKS_FILE = "orch_ranks.jsonl"  # one line per worker start: rank, node, host, pid, started_at (epoch s)
 ATTEMPTS_FILE = "orch_attempts"  # one line per start of the worker group (restarts = lines - 1)
 
 

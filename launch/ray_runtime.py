@@ -27,23 +27,46 @@ class Outcome:
     error: str | None = None
 
 
+# Ray Train services that serve a long-lived, shared or autoscaling cluster; on the embedded one,
+# which lives and dies with this driver on one machine, they only add processes to the start-up
+# (each new Ray worker process imports ray.train and torch: ~2 s of a core here). The user's own
+# setting of any of these wins.
+EMBEDDED_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # spot-instance preemption: a local machine has none
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Ray's own metrics feed its dashboard; orch exports its own (launch/metrics.py)
+}
+
+
+def _set_embedded_train_env() -> None:
+    """EMBEDDED_TRAIN_ENV where the user has not set them; Ray Train reads them in this driver and
+    passes them on to its controller (ray/train/v2/_internal/constants.py ENV_VARS_TO_PROPAGATE)."""
+    for name, value in EMBEDDED_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def connect(address: str | None, workers: Workers) -> None:
     """Start an embedded cluster (no address) or join ``address``, then check
     that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # While ray.init waits for the cluster's processes, this driver's own imports for run()
+    # (ray.train.torch and torch: ~1.5 s of a core here) proceed in a helper thread.
+    warm = threading.Thread(target=_import_quietly, args=("ray.train.torch", "launch.worker"), daemon=True)
     if address in (f"127.0.0.1:{LOCAL_HEAD_PORT}", f"localhost:{LOCAL_HEAD_PORT}"):
         _use_token_auth()  # orch's own head runs with token auth; other clusters: as RAY_AUTH_MODE says
     import ray
 
+    warm.start()
     if address is None:
         need = workers.num_workers * workers.cpus_per_worker
+        _set_embedded_train_env()
         # address="local": always a new cluster, never a `ray start` head this machine may run
         # (ray.init() without an address joins /tmp/ray/ray_current_cluster when it exists).
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; it
-        # gets a free port so that Ray's default (8265) stays with whoever holds it.
+        # No dashboard (its head modules are a dozen Python processes that start on the same
+        # cores as the job; nothing of orch's uses it), and no prestarted
+        # idle workers: every actor Ray Train starts carries a runtime_env, so none would use them.
         ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True,
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                 configure_logging=True, logging_level="WARNING")
+                 include_dashboard=False, configure_logging=True, logging_level="WARNING",
+                 _system_config={"prestart_worker_first_driver": False})
     else:
         try:
             ray.init(address=address, log_to_driver=True, logging_level="WARNING")
@@ -51,6 +74,7 @@ def connect(address: str | None, workers: Workers) -> None:
             detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
             raise PlanInputError(f"cannot join the Ray cluster at {address} ({detail})",
                                  "check the address ('ray status' on the head) and its auth token (~/.ray/auth_token)") from None
+    warm.join()
     try:
         where = address or "the embedded cluster"
         _preflight(ray.cluster_resources(), workers, where)
@@ -61,12 +85,15 @@ def connect(address: str | None, workers: Workers) -> None:
         raise
 
 
-def _free_port() -> int:
-    import socket
+def _import_quietly(*modules: str) -> None:
+    """Import ``modules`` ahead of use; an error is left for the real import to raise."""
+    import importlib
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the caller's own import reports it
+            return
 
 
 def _preflight(resources: dict[str, float], workers: Workers, where: str) -> None:
@@ -100,15 +127,16 @@ def _node_gpus() -> list[NodeGpu]:
             for node, found in zip(nodes, ray.get(refs, timeout=120)) for name, total, free in found]
 
 
-def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int) -> Outcome:
+def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int, embedded: bool = False) -> Outcome:
     """Run the job to the end with Ray Train; Ctrl-C gives 'stopped', a worker group that failed
-    more than ``max_failures`` times gives 'failed'."""
+    more than ``max_failures`` times gives 'failed'. ``embedded``: the cluster is the one
+    ``connect(None, ...)`` started for this driver."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from launch.worker import train_loop
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class(embedded)(
         train_loop,
         train_loop_config=job.model_dump(),
         scaling_config=ScalingConfig(
@@ -137,6 +165,46 @@ def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int) ->
     finally:
         signal.signal(signal.SIGTERM, previous)
     return outcome[0] if outcome else Outcome("failed", "the Ray Train driver thread ended without a result")
+
+
+# Ray Train V2 callbacks (ray/train/v2/api/data_parallel_trainer.py ``_create_default_callbacks``)
+# that orch's jobs never use, each one more Ray worker process on the start-up path:
+# - DatasetsCallback starts a DatasetManager actor for Ray Data shards; orch passes no Ray Datasets.
+# - PlacementGroupCleanerCallback starts a detached actor that polls the State API every second,
+#   to remove the placement group of a controller that died while its driver lives on. orch's
+#   driver ends its Ray job as soon as fit() returns or raises (and a killed driver ends it too),
+#   and Ray removes a job's placement groups when the job ends. Stopping that actor also held the
+#   end of runs for up to its 12 s stop timeout.
+_LEAN_SKIP = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
+
+
+def _trainer_class(embedded: bool):  # type: ignore[no-untyped-def]
+    """TorchTrainer without the default callbacks in ``_LEAN_SKIP`` and, on the embedded cluster,
+    with a fixed scaling policy that sends no resource
+    requests: Ray Train's own one first starts an autoscaling-coordinator actor (Ray Data's, ~1 s
+    before any worker starts) to ask the autoscaler for the workers' resources, and the embedded
+    cluster has no autoscaler. tests/launch/test_ray_runtime.py checks these names against the
+    installed Ray, so that an upgrade cannot silently bring the processes back."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class NoAutoscalerPolicy(FixedScalingPolicy):  # pickled by value into the controller
+        def after_controller_start(self, train_run_context):  # type: ignore[no-untyped-def]
+            pass  # no coordinator client: _cancel_resource_request is then a no-op
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    class OrchTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):  # type: ignore[no-untyped-def]
+            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in _LEAN_SKIP]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):  # type: ignore[no-untyped-def]
+            if embedded and not self.scaling_config.elasticity_enabled:
+                controller_init_kwargs["scaling_policy"] = NoAutoscalerPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return OrchTorchTrainer
 
 
 def _interrupt(signum: int, frame: object) -> None:

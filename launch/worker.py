@@ -113,7 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     _append(Path(job.run_dir) / RANKS_FILE, {
         "rank": rank, "local_rank": rc.get_local_rank(), "node_rank": rc.get_node_rank(),
         "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-        "pid": os.getpid(), "restarts": restarts_t,
+        "pid": os.getpid(), "restarts": restarts_t, "started_at": time.time(),
     })
     watch = _start_metrics(job, restarts_t)
     ctx = WorkerContext(

@@ -97,7 +97,8 @@ def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinn
             opts: LaunchOptions) -> jobs.JobRecord:
     """Plan and write the job's record; everything here is refused before Ray starts."""
     check_storage(opts.checkpoint_dir)
-    resolve_entrypoint(opts.entrypoint, os.getcwd())  # a bad --entrypoint is refused before any worker starts
+    if opts.entrypoint:  # a bad --entrypoint is refused before any worker starts (the built-in one is there)
+        resolve_entrypoint(opts.entrypoint, os.getcwd())
     plan = choose_plan(model, cluster, training, pinned)
     if opts.preflight:  # measure the plan here first; move down the ranked plans until it fits
         from orchestrator.preflight import preflight
@@ -161,7 +162,8 @@ def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
         progress = Progress(record.run_dir, record.job.steps, outs)
         progress.start()
         try:
-            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures)
+            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures,
+                                      embedded=record.address is None)
         except KeyboardInterrupt:
             outcome = ray_runtime.Outcome("stopped", "interrupted")
         finally:

@@ -23,12 +23,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--job", required=True)
     parser.add_argument("--steps-file", required=True)
+    parser.add_argument("--ranks-file", required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
     job = JobSpec.model_validate_json(open(args.job).read())
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    with open(args.ranks_file, "a") as fh:  # as orch's worker does on entering the training function
+        fh.write(json.dumps({"rank": rank, "pid": os.getpid(), "started_at": time.time()}) + "\n")
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         if rank == 0:
