@@ -1,7 +1,7 @@
 """Activations of transformers' PyTorch modules (what orch launches), term by term.
 
 Every term is a tensor that autograd saves for backward on a GPU, found with the exact
-FakeTensor trace (planner/trace.py) and checked against it byte for byte at tp = 1
+FakeTensor trace (the planner/trace/ package) and checked against it byte for byte at tp = 1
 (tests/planner/test_activations.py). Symbols: T = b*s tokens on the rank, e bytes per activation
 element, h hidden, a heads, k kv heads, d head dim, f MLP width, V vocabulary, E experts.
 

@@ -193,7 +193,7 @@ def test_gpu_corrections_gpt2():
 
 def test_cpu_sdpa_with_mask_saves_mask_and_repeated_kv(monkeypatch):
     # Raw FakeTensorMode behaviour (transformers assumes packing -> builds a mask) == a CPU run with a mask.
-    monkeypatch.setattr(T, "_assume_unpacked", contextlib.nullcontext)
+    monkeypatch.setattr(T.passes, "_assume_unpacked", contextlib.nullcontext)  # where trace_activations reads it
     s, b, h, a, k = 24, 2, 64, 4, 2
     d = h // a
     r = T.trace_activations(LLAMA, seq_len=s, micro_batch=b, attention="flash", dtype="bf16")
