@@ -81,7 +81,7 @@ def connect(address: str | None, workers: Workers) -> None:
         if workers.use_gpu:
             check_gpus(workers, _node_gpus(), where)
     except PlanInputError:
-        shutdown()
+        shutdown(embedded=address is None)
         raise
 
 
@@ -219,13 +219,50 @@ def _fit(trainer) -> Outcome:  # type: ignore[no-untyped-def]
     return Outcome("succeeded")
 
 
-def shutdown() -> None:
+def shutdown(embedded: bool = False) -> None:
     """Disconnect. An embedded cluster stops with its workers and actors; on an existing cluster
-    the job's controller and workers, owned by this driver, end with it."""
+    the job's controller and workers, owned by this driver, end with it.
+
+    ``embedded``: also make sure that every process of the embedded cluster has ended. A Ray
+    worker can hang in its own exit after the cluster has gone (seen here with Ray 2.60: the
+    TrainController's core worker deadlocked in a pub-sub destructor during exit, holding
+    ~0.5 GB for good), so whatever of the cluster is still alive a few seconds after
+    ``ray.shutdown()`` is killed."""
     import ray
 
+    cluster = _embedded_processes() if embedded else []
     if ray.is_initialized():
         ray.shutdown()
+    _reap(cluster, grace_s=5.0)
+
+
+def _embedded_processes():  # type: ignore[no-untyped-def]
+    """The embedded cluster's processes: this driver's descendants that are Ray's (the GCS, the
+    raylet and agents, started from Ray's package; the raylet's workers, titled 'ray::...')."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if cmd.startswith("ray::") or f"{os.sep}ray{os.sep}" in cmd:
+            found.append(proc)
+    return found
+
+
+def _reap(procs, grace_s: float) -> None:  # type: ignore[no-untyped-def]
+    """Wait up to ``grace_s`` for ``procs`` to end, then kill the rest."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 # --- Ray Jobs API: detached jobs ---------------------------------------------------------------

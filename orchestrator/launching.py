@@ -169,7 +169,7 @@ def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
         finally:
             progress.done.set()
             progress.join(timeout=5)
-            ray_runtime.shutdown()
+            ray_runtime.shutdown(embedded=record.address is None)
         if outcome.error:
             _say(f"orch: job {record.name} {outcome.status}: {outcome.error}", outs)
     jobs.update(record, state=jobs.JobState(outcome.status), error=outcome.error)

@@ -85,3 +85,53 @@ def test_the_embedded_scaling_policy_sends_no_autoscaler_request(tmp_path, monke
         lambda: None, scaling_config=ScalingConfig(num_workers=2), run_config=RunConfig(name="t", storage_path=str(tmp_path)))
     joined._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(joined.scaling_config))
     assert type(captured["scaling_policy"]) is FixedScalingPolicy
+
+
+class _HangsInItsExit:
+    """An actor that leaves the cluster but not the machine, as Ray Train's controller did: it
+    exits (ray.actor.exit_actor, as the controller does at the end of a run), and its process then
+    hangs in Python's exit, on a non-daemon thread that never ends; SIGTERM is ignored."""
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def exit_and_hang(self) -> None:
+        import signal
+        import threading
+        import time
+
+        import ray
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+        ray.actor.exit_actor()
+
+
+def test_embedded_shutdown_leaves_no_process_even_a_worker_stuck_in_its_exit(monkeypatch) -> None:
+    """A real embedded cluster; one worker made to hang in its exit (as Ray 2.60's controller was
+    seen to, deadlocked in its core worker's destructor): shutdown(embedded=True) ends it too."""
+    import time
+
+    import psutil
+    import ray
+
+    from launch.placement import Workers
+
+    for name in (*ray_runtime.EMBEDDED_TRAIN_ENV, "RAY_TRAIN_V2_ENABLED"):
+        monkeypatch.delenv(name, raising=False)  # connect sets them; the other tests get them back as they were
+    ray_runtime.connect(None, Workers(num_workers=1, use_gpu=False, backend="gloo"))
+    try:
+        actor = ray.remote(num_cpus=0)(_HangsInItsExit).remote()
+        stuck = ray.get(actor.pid.remote())
+        cluster = ray_runtime._embedded_processes()
+        assert stuck in {p.pid for p in cluster}
+        assert any("raylet" in " ".join(p.cmdline()) for p in cluster)
+        actor.exit_and_hang.remote()
+        time.sleep(2)
+        assert psutil.Process(stuck).is_running()  # gone from the cluster, still on the machine
+    finally:
+        ray_runtime.shutdown(embedded=True)
+    left = [p for p in cluster if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"still running after shutdown: {[(p.pid, p.name()) for p in left]}"
