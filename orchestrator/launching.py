@@ -154,6 +154,7 @@ def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
         _say(f"orch: launching {record.name}: {record.model} on {record.cluster}, plan {record.plan}, "
              f"{record.job.steps} steps", outs)
         workers = ray_runtime.Workers(**record.workers)
+        embedded = record.address is None  # connect starts a cluster of this driver's own
         try:
             ray_runtime.connect(record.address, workers)
         except PlanInputError as exc:
@@ -162,14 +163,13 @@ def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
         progress = Progress(record.run_dir, record.job.steps, outs)
         progress.start()
         try:
-            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures,
-                                      embedded=record.address is None)
+            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures, embedded=embedded)
         except KeyboardInterrupt:
             outcome = ray_runtime.Outcome("stopped", "interrupted")
         finally:
             progress.done.set()
             progress.join(timeout=5)
-            ray_runtime.shutdown(embedded=record.address is None)
+            ray_runtime.shutdown(embedded=embedded)
         if outcome.error:
             _say(f"orch: job {record.name} {outcome.status}: {outcome.error}", outs)
     jobs.update(record, state=jobs.JobState(outcome.status), error=outcome.error)
