@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.speed import SpeedConstants, step_time  # noqa: E402
+from planner.speed.step import SpeedConstants, step_time  # noqa: E402
 from tests.planner.published import load_runs  # noqa: E402
 
 

@@ -5,7 +5,7 @@ trained for a few steps with DeepSpeed on one GPU, in a fresh process with a tim
 in use from torch.cuda.mem_get_info). World size 1: ZeRO 1-3 still run their own code paths
 (buckets, partition buffers, gathered parameters) with one partition.
 
-Each configuration is written as a calibration record (planner.calibration.MeasuredRecord, the
+Each configuration is written as a calibration record (planner.memory.calibration.MeasuredRecord, the
 format ``orch profile --save`` writes) with the planner's prediction for it, to
 tests/data/measured/<gpu>-<date>.json with the hardware and software versions, which
 tests/planner/test_measured_gpu.py then checks the planner against (peak within 5%, fits verdict)
@@ -40,15 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.profiling import _free_port, measured_components, profile_job, versions  # noqa: E402
-from planner.calibration import COMPONENTS, MeasuredRecord  # noqa: E402
-from planner.evaluate import PlanMemory, buffers_for, evaluate  # noqa: E402
-from planner.hardware import ClusterSpec, dgx_cluster, gpu_by_name  # noqa: E402
-from planner.hf_config import spec_from_hf_config  # noqa: E402
-from planner.model import ModelSpec  # noqa: E402
-from planner.overheads import process_groups  # noqa: E402
-from planner.presets import preset  # noqa: E402
-from planner.speed import step_time  # noqa: E402
-from planner.training import ParallelPlan, TrainingSpec  # noqa: E402
+from planner.memory.calibration import COMPONENTS, MeasuredRecord  # noqa: E402
+from planner.memory.evaluate import PlanMemory, buffers_for, evaluate  # noqa: E402
+from planner.specs.hardware import ClusterSpec, dgx_cluster, gpu_by_name  # noqa: E402
+from planner.structure.hf_config import spec_from_hf_config  # noqa: E402
+from planner.structure.model import ModelSpec  # noqa: E402
+from planner.memory.overheads import process_groups  # noqa: E402
+from planner.structure.presets import preset  # noqa: E402
+from planner.speed.step import step_time  # noqa: E402
+from planner.specs.training import ParallelPlan, TrainingSpec  # noqa: E402
 
 OUT_DIR = ROOT / "tests" / "data" / "measured"
 BUDGET_S = 600.0  # issue 7: the whole matrix within ten minutes on one H100
@@ -67,7 +67,7 @@ def _llama(layers: int, hidden: int, heads: int, ffn: int) -> dict[str, Any]:
 
 # The models of the matrix: the debug preset and Llama-shaped 134M, 374M and 1.35B models.
 MODELS: dict[str, dict[str, Any] | None] = {
-    "debug": None,  # the preset (planner.presets)
+    "debug": None,  # the preset (planner.structure.presets)
     "bench-134m": _llama(12, 768, 12, 2048),
     "bench-374m": _llama(24, 1024, 16, 2816),
     "bench-1.35b": _llama(24, 2048, 16, 5504),
@@ -145,7 +145,7 @@ def catalog_key(device_name: str) -> str:
                          ("a100-40gb", r"a100"), ("l40s-48gb", r"l40s"), ("rtx4090-24gb", r"4090"), ("v100-32gb", r"v100")):
         if re.search(pattern, name):
             return key
-    raise SystemExit(f"gpu_memory: no catalog GPU matches '{device_name}'; add it to planner.hardware.GPU_CATALOG")
+    raise SystemExit(f"gpu_memory: no catalog GPU matches '{device_name}'; add it to planner.specs.hardware.GPU_CATALOG")
 
 
 def gpu_info() -> dict[str, Any]:

@@ -38,8 +38,8 @@ def job_file(tmp: Path) -> Path:
     """The JobSpec orch would run, written for the DeepSpeed-launched script."""
     from orchestrator.inputs import load_model, resolve_cluster
     from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan
-    from planner.pinned import Pinned
-    from planner.training import TrainingSpec
+    from planner.search.pinned import Pinned
+    from planner.specs.training import TrainingSpec
 
     model, cluster = load_model("debug"), resolve_cluster("cpu-2", None, None, None)
     training = TrainingSpec(seq_len=SEQ, global_batch=0, precision="bf16")

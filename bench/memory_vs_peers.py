@@ -28,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.evaluate import evaluate, rank_states  # noqa: E402
-from planner.hardware import dgx_cluster, gpu_by_name  # noqa: E402
-from planner.model import ModelSpec  # noqa: E402
-from planner.params import stage_params, total_params  # noqa: E402
-from planner.presets import preset  # noqa: E402
-from planner.speed import SpeedConstants, step_time  # noqa: E402
-from planner.training import ParallelPlan, TrainingSpec  # noqa: E402
+from planner.memory.evaluate import evaluate, rank_states  # noqa: E402
+from planner.specs.hardware import dgx_cluster, gpu_by_name  # noqa: E402
+from planner.structure.model import ModelSpec  # noqa: E402
+from planner.structure.params import stage_params, total_params  # noqa: E402
+from planner.structure.presets import preset  # noqa: E402
+from planner.speed.step import SpeedConstants, step_time  # noqa: E402
+from planner.specs.training import ParallelPlan, TrainingSpec  # noqa: E402
 
 GiB = 1024**3
 LLM_ANALYSIS = "llm-analysis==0.2.2"
@@ -273,7 +273,7 @@ def llm_analysis(cases: list[Case]) -> tuple[dict[str, dict], str]:
 # Table
 
 
-FOOTER = """Why they differ (details in the module docstring of planner/model_states.py and planner/activations.py):
+FOOTER = """Why they differ (details in the module docstring of planner/memory/model_states.py and planner/memory/activations.py):
 - llm-analysis counts tied embeddings (no separate lm_head), 2 MLP matrices (SwiGLU given as width 3f/2),
   no biases; gradients in fp32 (4 B/param, sharded from ZeRO-2); no DeepSpeed buckets, padding, ZeRO-3
   gathered parameters or step-time fp32 copies; no CUDA context/NCCL/fragmentation overhead.

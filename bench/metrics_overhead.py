@@ -24,8 +24,8 @@ from launch import metrics as M  # noqa: E402
 from launch.job import JobSpec  # noqa: E402
 from orchestrator.inputs import load_model, resolve_cluster  # noqa: E402
 from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan  # noqa: E402
-from planner.pinned import Pinned  # noqa: E402
-from planner.training import TrainingSpec  # noqa: E402
+from planner.search.pinned import Pinned  # noqa: E402
+from planner.specs.training import TrainingSpec  # noqa: E402
 
 SEQ_LEN = 64
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.hardware import dgx_cluster, gpu_by_name  # noqa: E402
-from planner.presets import preset  # noqa: E402
-from planner.search import search  # noqa: E402
-from planner.training import TrainingSpec  # noqa: E402
+from planner.specs.hardware import dgx_cluster, gpu_by_name  # noqa: E402
+from planner.structure.presets import preset  # noqa: E402
+from planner.search.engine import search  # noqa: E402
+from planner.specs.training import TrainingSpec  # noqa: E402
 
 CASES = [
     ("gpt3-1t", "a100-80gb", 3072, 2048, 3072, "megatron"),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.pinned import Pinned  # noqa: E402
-from planner.search import search  # noqa: E402
-from planner.speed import step_time  # noqa: E402
+from planner.search.pinned import Pinned  # noqa: E402
+from planner.search.engine import search  # noqa: E402
+from planner.speed.step import step_time  # noqa: E402
 from tests.planner.published import load_runs  # noqa: E402
 from tests.planner.test_published_runs import why_faster  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Plan -> DeepSpeed configuration dict (a pure translator; DeepSpeed itself is not imported).
 
-The ZeRO bucket sizes written here are ``planner.zero_buffers.ZeroBuffers``, the very values the
+The ZeRO bucket sizes written here are ``planner.memory.zero_buffers.ZeroBuffers``, the very values the
 memory model counted. Keys follow DeepSpeed 0.19's config schema (deepspeed/runtime/config.py,
 deepspeed/runtime/zero/config.py).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
 
 # Optimizer names as DeepSpeed's config understands them: its own (Adam, AdamW, Lion) or, failing
 # that, any torch.optim class by name (engine._configure_basic_optimizer).

@@ -61,7 +61,7 @@ disable_created_metrics()  # no `_created` series beside every counter and histo
 
 TARGETS_DIR = "orch_metrics_targets"  # under the storage path: the file_sd files of running jobs
 JOB_STATES = ("starting", "running", "restarting", "succeeded", "failed", "stopped")
-COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")  # planner.evaluate.MemoryBreakdown
+COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")  # planner.memory.evaluate.MemoryBreakdown
 RANK_LABELS = ("job", "rank", "node")
 GPU_LABELS = (*RANK_LABELS, "gpu")
 # Seconds; a debug step on CPU takes ~0.1 s, a large model's step tens of seconds.
@@ -110,7 +110,7 @@ class OrchMetrics:
         self.checkpoint_duration = d(Histogram, "orch_checkpoint_duration_seconds", "Wall time of one checkpoint on this rank "
                                      "(saving its shards plus persisting them to the storage path).", RANK_LABELS, buckets=CHECKPOINT_BUCKETS)
         self.memory_planned = d(Gauge, "orch_memory_planned_bytes", "Bytes the plan predicts per rank, by component "
-                                "(planner.evaluate, the most loaded rank).", (*RANK_LABELS, "component"))
+                                "(planner.memory.evaluate, the most loaded rank).", (*RANK_LABELS, "component"))
         self.memory_allocated = d(Gauge, "orch_memory_allocated_bytes", "Bytes this rank holds now: torch.cuda.memory_allocated "
                                   "on a GPU; on CPU, the growth of the worker's resident set size (RSS) since before the model was built "
                                   "(libraries imported since included).", RANK_LABELS)

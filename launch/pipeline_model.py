@@ -20,12 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# model_type values whose Hugging Face models have the Llama layout this module cuts:
-# ``model.model.{embed_tokens, layers, norm, rotary_emb}`` and an untied ``model.lm_head``
-# (planner.hf_config.LLAMA_LIKE: Llama, Mistral, Mixtral, Qwen2).
-from planner.hf_config import LLAMA_LIKE
-
-PIPELINE_FAMILIES = frozenset(LLAMA_LIKE)
+from launch.families import PIPELINE_FAMILIES
 
 Activations = tuple[torch.Tensor, torch.Tensor]  # (hidden [batch, seq, hidden], position_ids [batch, seq])
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from planner.errors import PlanInputError
-from planner.hardware import ClusterSpec
-from planner.training import ParallelPlan
+from planner.specs.hardware import ClusterSpec
+from planner.specs.training import ParallelPlan
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from orchestrator.render import (
     rejections, report_json,
 )
 from planner.errors import PlanInputError
-from planner.finetune import FinetuneSpec
-from planner.params import total_params
-from planner.pinned import Pinned
-from planner.presets import preset, preset_names
-from planner.training import TrainingSpec
+from planner.finetune.methods import FinetuneSpec
+from planner.structure.params import total_params
+from planner.search.pinned import Pinned
+from planner.structure.presets import preset, preset_names
+from planner.specs.training import TrainingSpec
 
 app = typer.Typer(
     name="orch",
@@ -167,7 +167,9 @@ def plan(
             extra["cost"] = cost_json(result.cost)
         if not result.top:
             extra["would_fit"] = result.suggestions
-        print(json.dumps(report_json(model_spec, cluster_spec, result.top, finetune=finetune, **extra)))
+        # Nothing fits: the closest plans, each with "fits": false and its full memory.
+        plans = result.top or result.search.near_misses[:top]
+        print(json.dumps(report_json(model_spec, cluster_spec, plans, finetune=finetune, **extra)))
     else:
         _print_result(model_spec, cluster_spec, result, explain)
     raise typer.Exit(EXIT_FITS if result.best is not None else EXIT_NOTHING_FITS)
@@ -197,7 +199,7 @@ def _print_result(model_spec, cluster_spec, result, explain: bool) -> None:  # t
 
 def _write_deepspeed_config(path: Path, model_spec, plan_obj, training: TrainingSpec) -> None:  # type: ignore[no-untyped-def]
     from launch.deepspeed_config import deepspeed_config
-    from planner.evaluate import buffers_for
+    from planner.memory.evaluate import buffers_for
 
     try:
         buffers = buffers_for(model_spec, plan_obj)  # the buckets the memory model counted
@@ -383,7 +385,7 @@ def profile(
 ) -> None:
     """Run a plan's ranks for a few steps on this machine and set measured memory against the plan."""
     from orchestrator.profiling import cpu_hardware, print_profile, profile_plan, save_record
-    from planner.evaluate import buffers_for
+    from planner.memory.evaluate import buffers_for
 
     model_spec, cluster_spec, training = _job_inputs("profile", model, cluster, zero, seq_len, global_batch, precision,
                                                      calibration=calibration, optimizer=optimizer.value, attention=attention.value)
@@ -408,8 +410,8 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
 ) -> None:
     """Fit the planner's overhead constants (context, NCCL, fragmentation) to measured peaks."""
-    from planner.calibration import fit
-    from planner.overheads import Overheads
+    from planner.memory.calibration import fit
+    from planner.memory.overheads import Overheads
 
     base = load_cluster(cluster).overheads if cluster else Overheads()
     cal = fit(load_measurements(measured), base, sources=[str(p) for p in measured])
@@ -468,6 +470,10 @@ def _command(argv: Optional[list[str]]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: bad input of any kind is one line on stderr and exit code 2, never a traceback."""
+    from orchestrator.store import DiskStore
+    from planner.cache import install_store
+
+    install_store(DiskStore())
     try:
         code = app(args=argv, standalone_mode=False)
     except PlanInputError as exc:

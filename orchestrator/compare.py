@@ -13,11 +13,11 @@ from orchestrator.inputs import pydantic_problem
 from orchestrator.planning import PlanResult, run_plan
 from orchestrator.render import plan_json, print_header
 from planner.errors import PlanInputError
-from planner.finetune import METHODS, FinetuneSpec, trainable_params
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.pinned import Pinned
-from planner.training import TrainingSpec
+from planner.finetune.methods import METHODS, FinetuneSpec, trainable_params
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.search.pinned import Pinned
+from planner.specs.training import TrainingSpec
 from planner.units import GiB
 
 
@@ -41,18 +41,21 @@ def compare_methods(
 ) -> int:
     """Exit 0 when at least one method fits."""
     rows: list[tuple[FinetuneSpec, PlanResult | str]] = []
+    counts: dict[str, int] = {}
     for ft in _specs(ft_fields):
         try:
+            counts[ft.method] = trainable_params(model, ft)
             rows.append((ft, run_plan(model, cluster, training, pinned, top=1, backend=backend, finetune=ft)))  # type: ignore[arg-type]
         except PlanInputError as exc:  # a method that cannot apply to this model (BitFit without biases)
             rows.append((ft, exc.problem))
     if as_json:
         methods = {
             ft.method: (
-                {"trainable_params": trainable_params(model, ft), "fits": False, "plans": [], "not_applicable": r}
+                {"trainable_params": counts.get(ft.method, 0), "fits": False, "plans": [], "not_applicable": r}
                 if isinstance(r, str)
-                else {"trainable_params": trainable_params(model, ft), "fits": r.best is not None,
-                      "plans": [plan_json(r.best, model, ft)] if r.best else [], "would_fit": r.suggestions}
+                else {"trainable_params": counts[ft.method], "fits": r.best is not None,
+                      "plans": [plan_json(c, model, ft) for c in (r.top[:1] or r.search.near_misses[:1])],
+                      "would_fit": r.suggestions}
             )
             for ft, r in rows
         }
@@ -64,7 +67,7 @@ def compare_methods(
         for col in ("method", "fits", "GiB/GPU", "trainable", "step s", "tokens/s", "best plan"):
             table.add_column(col, justify="left" if col in ("method", "best plan") else "right")
         for ft, r in rows:
-            n = _count(trainable_params(model, ft))
+            n = _count(counts.get(ft.method, 0))
             if isinstance(r, str):
                 table.add_row(ft.method, "n/a", "-", n, "-", "-", r)
                 continue

@@ -13,12 +13,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from planner.calibration import Calibration, MeasuredRecord, calibrated_cluster, parse_records
+from planner.memory.calibration import Calibration, MeasuredRecord, calibrated_cluster, parse_records
 from planner.errors import PlanInputError
-from planner.hardware import ClusterSpec, GPUSpec, dgx_cluster, gpu_by_name
-from planner.hf_config import SUPPORTED_FAMILIES, generic_spec, spec_from_hf_config
-from planner.model import ModelSpec
-from planner.presets import PRESETS, preset
+from planner.specs.hardware import ClusterSpec, GPUSpec, dgx_cluster, gpu_by_name
+from planner.structure.hf_config import spec_from_hf_config
+from planner.structure.model import ModelSpec
+from planner.structure.presets import PRESETS, preset
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_configs"
 
@@ -51,27 +51,9 @@ def load_model(name_or_path: str) -> ModelSpec:
         raise PlanInputError(f"{path}: not valid JSON ({exc})", "pass a Hugging Face config.json") from None
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
     try:
-        if isinstance(cfg, dict) and cfg.get("model_type") not in SUPPORTED_FAMILIES:
-            return _generic_model(cfg, name)
         return spec_from_hf_config(cfg, name=name)
     except ValidationError as exc:
         raise pydantic_problem(exc, str(path)) from None
-
-
-def _generic_model(cfg: dict, name: str) -> ModelSpec:
-    """Any causal LM transformers knows: exact parameter count from the meta device, structure
-    approximated (planner.hf_config.generic_spec); --trace measures its activations exactly."""
-    from planner.trace import count_parameters
-
-    try:
-        exact = count_parameters(cfg)
-    except Exception as exc:  # transformers rejects the config: unknown model_type or bad fields
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise PlanInputError(
-            f"{name}: transformers cannot build model_type {cfg.get('model_type')!r} ({detail})",
-            "pass the config.json of a causal LM that your transformers version knows",
-        ) from None
-    return generic_spec(cfg, name=name, exact_params=exact)
 
 
 def cluster_preset_paths() -> dict[str, Path]:

@@ -17,13 +17,13 @@ from launch.deepspeed_config import deepspeed_config
 from launch.job import JobSpec, job_ds_config
 from orchestrator.planning import evaluate_plan, run_plan
 from planner.errors import PlanInputError
-from planner.evaluate import buffers_for
-from planner.hardware import ClusterSpec
-from planner.hf_config import LLAMA_LIKE
-from planner.model import ModelSpec
-from planner.pinned import Pinned
-from planner.search import CAPABILITIES
-from planner.training import ParallelPlan, TrainingSpec
+from planner.memory.evaluate import buffers_for
+from planner.specs.hardware import ClusterSpec
+from launch.families import AUTOTP_FAMILIES, PIPELINE_FAMILIES
+from planner.structure.model import ModelSpec
+from planner.search.pinned import Pinned
+from planner.search.engine import CAPABILITIES
+from planner.specs.training import ParallelPlan, TrainingSpec
 
 DEFAULT_STORAGE = Path.home() / ".orch" / "runs"
 CPU_PRECISIONS = ("bf16", "fp32")  # DeepSpeed's CPU accelerator rejects fp16 ("not supported on your device")
@@ -58,8 +58,6 @@ class LaunchOptions:
 # for model", deepspeed/module_inject/auto_tp.py tp_parser) and Mixtral (its Hugging Face tp_plan's
 # MoE styles, deepspeed/runtime/engine.py _apply_autotp_partitioning). The pipeline layers cut
 # the Llama layout with untied embeddings (launch/pipeline_model.py).
-AUTOTP_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
-PIPELINE_FAMILIES = frozenset(LLAMA_LIKE)
 
 
 def choose_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned) -> ParallelPlan:
@@ -157,7 +155,7 @@ def _metrics_host(host: str) -> str:
 
 
 def _planned_fields(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> dict[str, Any]:
-    """What the planner predicts for the plan (planner.evaluate, planner.speed), for the metrics."""
+    """What the planner predicts for the plan (planner.memory.evaluate, planner.speed.step), for the metrics."""
     predicted = evaluate_plan(model, cluster, training, plan)
     memory = predicted.memory.memory.as_dict()
     return {

@@ -28,11 +28,11 @@ from orchestrator.launch_plan import (
     choose_plan,
 )
 from planner.errors import PlanInputError
-from planner.evaluate import buffers_for, evaluate
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.pinned import Pinned
-from planner.training import TrainingSpec
+from planner.memory.evaluate import buffers_for, evaluate
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.search.pinned import Pinned
+from planner.specs.training import TrainingSpec
 
 
 class Progress(threading.Thread):

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.advice import suggestions
-from planner.cost import RunCost, run_cost
+from planner.search.advice import suggestions
+from planner.speed.cost import RunCost, run_cost
 from planner.errors import PlanInputError
-from planner.evaluate import evaluate
-from planner.finetune import FinetuneSpec, extra_sequence_tokens
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.pinned import Pinned, default_plan
-from planner.search import Backend, Candidate, SearchResult, search
-from planner.speed import step_time
-from planner.training import ParallelPlan, TrainingSpec
-from planner.validate import check_plan
+from planner.memory.evaluate import evaluate
+from planner.finetune.methods import FinetuneSpec, extra_sequence_tokens
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.search.pinned import Pinned, default_plan
+from planner.search.engine import Backend, Candidate, SearchResult, search
+from planner.speed.step import step_time
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.search.validate import check_plan
 
 
 @dataclass
@@ -41,7 +41,7 @@ def traced_candidate(
             f"--trace measures an unsplit model without recomputation, but the plan is {plan.describe()}",
             "pin --tp 1 --recompute none (and no --cp) with --trace, or drop --trace",
         )
-    from planner.stage_trace import stage_activations_traced
+    from planner.trace.stages import stage_activations_traced
 
     acts = stage_activations_traced(model, training, plan, finetune)
     memory = evaluate(model, cluster, training, plan, activation_bytes_override=acts, finetune=finetune)
@@ -68,6 +68,8 @@ def run_plan(
     finetune: FinetuneSpec | None = None,
 ) -> PlanResult:
     cluster.gpu.peak_tflops(training.precision)  # an unsupported precision is a usage error
+    if backend == "megatron":
+        model = model.model_copy(update={"implementation": "megatron"})  # its fused kernels, its vocab split
     _check_pinned(model, cluster, training, pinned)
     if finetune is not None and finetune.method == "prompt":
         # Prompt tuning lengthens every sequence by its virtual tokens.
@@ -78,17 +80,30 @@ def run_plan(
         result.notes.append("pinned: " + ", ".join(f"{k}={v}" for k, v in pinned.given().items()))
     result.notes.append(f"searched {found.evaluated} plans for the {backend} backend")
     if not found.ranked:
-        closest = found.closest or evaluate(model, cluster, training, default_plan(pinned, cluster, training)[0], finetune=finetune)
-        result.suggestions = suggestions(model, cluster, training, closest.plan, finetune)
+        result.suggestions = suggestions(model, cluster, training, pinned, found, backend=backend, ft=finetune)
         return result
     if trace:
         result.top[0] = traced_candidate(model, cluster, training, result.top[0], finetune)
         result.notes.append("activations of the best plan: exact FakeTensor trace")
     else:
-        result.notes.append("activations: analytical model (--trace for the exact trace)")
+        result.notes.append(activation_note(model, cluster, training))
     if tokens:
         result.cost = run_cost(cluster, tokens=tokens, tokens_per_s=result.top[0].speed.tokens_per_s)
     return result
+
+
+def activation_note(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> str:
+    """Say whose kernels the activation figures assume (they depend on it)."""
+    if model.implementation == "megatron":
+        return "activations: Megatron-LM's fused kernels (Korthikanti et al. 2022), as --backend megatron runs them"
+    cls = model.layout.extra.get("model_class", "the model")
+    version = model.layout.extra.get("transformers", "")
+    if cluster.gpu.name == "cpu":
+        kernels = "CPU kernels"
+    else:
+        kernels = "CUDA flash attention" if training.attention == "flash" else "CUDA eager attention"
+    return (f"activations: traced from transformers {version} {cls} ({kernels}) under DeepSpeed, "
+            "as orch launches it; --backend megatron models Megatron-LM's kernels instead")
 
 
 def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> Candidate:

@@ -17,10 +17,10 @@ from typing import Callable, Sequence, TextIO
 from orchestrator.planning import run_plan
 from orchestrator.profiling import Profile, profile_plan
 from planner.errors import PlanInputError
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.pinned import Pinned
-from planner.training import ParallelPlan, TrainingSpec
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.search.pinned import Pinned
+from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.units import GiB, KiB, MiB
 
 # The plan dimensions preflight holds as launched: it changes only how much memory a rank needs.
@@ -96,7 +96,7 @@ def ranked_plans(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
     rest = [Ranked(c.plan, c.memory.memory.total) for c in found.top if c.plan != plan]
     first = next((Ranked(c.plan, c.memory.memory.total) for c in found.top if c.plan == plan), None)
     if first is None:  # a plan the search would not rank (pinned beyond it): its own evaluation
-        from planner.evaluate import evaluate
+        from planner.memory.evaluate import evaluate
 
         first = Ranked(plan, evaluate(model, cluster, training, plan).memory.total)
     return [first, *rest]

@@ -3,7 +3,7 @@ machine for a few steps (``launch.profile_worker``; gloo on CPU, NCCL on local G
 measured memory component of the most loaded rank against the planner's prediction.
 
 Measured components (bytes of unique live storages, see ``launch.profile_worker``), each at its
-largest as ``planner.evaluate`` counts the components:
+largest as ``planner.memory.evaluate`` counts the components:
 - parameters, optimizer: the largest over all snapshots;
 - activations: the saved-for-backward storages at the end of the forward;
 - gradients: the largest at the backward, or at the optimizer step less the activations (the
@@ -18,7 +18,7 @@ largest as ``planner.evaluate`` counts the components:
 The bytes glibc malloc holds free on CPU (mallinfo2, in each snapshot as ``malloc_free``) are not
 counted: they grow with the steps run and hardly with the model. The planner's peak is not the sum
 of its components but the largest of what is alive together at one phase of the step
-(planner.phases); its live bytes (``peak_allocated``) are set against A.
+(planner.memory.phases); its live bytes (``peak_allocated``) are set against A.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ from typing import Any
 
 from launch.deepspeed_config import deepspeed_config
 from orchestrator.launch_plan import choose_plan
-from planner.calibration import MeasuredRecord
+from planner.memory.calibration import MeasuredRecord
 from planner.errors import PlanInputError
-from planner.evaluate import PlanMemory, buffers_for, evaluate
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.overheads import process_groups
-from planner.pinned import Pinned
-from planner.presets import PRESETS
-from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.memory.evaluate import PlanMemory, buffers_for, evaluate
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.memory.overheads import process_groups
+from planner.search.pinned import Pinned
+from planner.structure.presets import PRESETS
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
 
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")
 WORKER_TIMEOUT_S = 600
@@ -77,7 +77,7 @@ class Profile:
         }
 
     def record(self, model: ModelSpec, training: TrainingSpec, buffers: ZeroBuffers) -> MeasuredRecord:
-        """This profile as a calibration record (planner.calibration; the format bench/gpu_memory.py writes)."""
+        """This profile as a calibration record (planner.memory.calibration; the format bench/gpu_memory.py writes)."""
         p = self.plan.plan
         return MeasuredRecord(
             model=model.name, hf_config=None if model.name in PRESETS else model.hf_config,
@@ -198,7 +198,7 @@ def profile_plan(
 ) -> Profile:
     """Plan (or take ``plan``), run the plan's ranks on this machine and measure them.
     ``buffers``: ZeRO bucket sizes, written into the DeepSpeed config and counted by the planner
-    alike (default: the plan's own, planner.evaluate.buffers_for)."""
+    alike (default: the plan's own, planner.memory.evaluate.buffers_for)."""
     if model.hf_config is None:
         raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
     plan = plan or choose_plan(model, cluster, training, pinned)

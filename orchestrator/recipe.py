@@ -9,14 +9,14 @@ from rich.console import Console
 
 from orchestrator.planning import run_plan
 from orchestrator.render import cost_json, print_cost, print_memory, print_speed, report_json
-from planner.cost import run_cost
+from planner.speed.cost import run_cost
 from planner.errors import PlanInputError
-from planner.hardware import ClusterSpec
-from planner.params import total_params
-from planner.pinned import Pinned
-from planner.presets import preset, preset_names
-from planner.scaling import ComputeOptimal, compute_optimal, nearest_model
-from planner.training import TrainingSpec
+from planner.specs.hardware import ClusterSpec
+from planner.structure.params import total_params
+from planner.search.pinned import Pinned
+from planner.structure.presets import preset, preset_names
+from planner.search.scaling import ComputeOptimal, compute_optimal, nearest_model
+from planner.specs.training import TrainingSpec
 
 FIRST_GUESS_MFU = 0.4  # refined by the best plan's own predicted MFU
 ITERATIONS = 3

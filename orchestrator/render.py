@@ -8,13 +8,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from planner.cost import RunCost
-from planner.evaluate import PlanMemory
-from planner.finetune import FinetuneSpec, trainable_params
-from planner.hardware import ClusterSpec
-from planner.model import ModelSpec
-from planner.params import total_params
-from planner.search import Candidate, SearchResult
+from planner.speed.cost import RunCost
+from planner.memory.evaluate import PlanMemory
+from planner.finetune.methods import FinetuneSpec, trainable_params
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.structure.params import total_params
+from planner.search.engine import Candidate, SearchResult
 from planner.units import GiB
 
 COMPONENTS = ("parameters", "gradients", "optimizer", "activations", "overhead")
@@ -66,8 +66,8 @@ def report_json(
     model: ModelSpec, cluster: ClusterSpec, plans: list[Candidate], finetune: FinetuneSpec | None = None, **extra: Any
 ) -> dict[str, Any]:
     return {
-        "model": {"name": model.name, "num_params": model.num_params_exact or total_params(model),
-                  "family": model.family, "structure": "approximated" if model.num_params_exact else "exact"},
+        "model": {"name": model.name, "num_params": total_params(model), "family": model.family,
+                  "model_class": model.layout.extra.get("model_class", "")},
         "cluster": {"name": cluster.name, "num_gpus": cluster.num_gpus, "gpu_memory_bytes": cluster.gpu.memory_bytes},
         "plans": [plan_json(c, model, finetune) for c in plans],
         **extra,
@@ -103,7 +103,7 @@ PHASES = {"forward": "in the forward", "loss": "at the loss's gradient", "backwa
 
 def plan_table(model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, title: str) -> Table:
     """Each component at its own largest, and the peak (what is alive together at the phase that
-    sets it, planner.phases) as the footer: the components do not add up to it."""
+    sets it, planner.memory.phases) as the footer: the components do not add up to it."""
     table = Table(title=title, title_justify="left", show_footer=True,
                   caption=f"peak {PHASES[p.memory.peak_phase]}; components at their own largest",
                   caption_justify="left")
@@ -118,14 +118,9 @@ def plan_table(model: ModelSpec, cluster: ClusterSpec, p: PlanMemory, title: str
 
 def print_header(console: Console, model: ModelSpec, cluster: ClusterSpec) -> None:
     console.print(
-        f"[bold]{model.name}[/] ({(model.num_params_exact or total_params(model)) / 1e9:,.2f}B parameters) on [bold]{cluster.name}[/]: "
+        f"[bold]{model.name}[/] ({total_params(model) / 1e9:,.2f}B parameters) on [bold]{cluster.name}[/]: "
         f"{cluster.num_gpus} x {cluster.gpu.name} ({gib(cluster.gpu.memory_bytes)} each)"
     )
-    if model.num_params_exact:
-        console.print(
-            f"[yellow]note:[/] model_type '{model.family}' has no dedicated reader: its block is approximated "
-            f"({total_params(model) / 1e9:,.2f}B in the approximation); use --trace for exact activations"
-        )
 
 
 def print_memory(console: Console, model: ModelSpec, cluster: ClusterSpec, p: PlanMemory) -> None:

@@ -147,8 +147,12 @@ def _grouped_mm_emulated(mat_a: "torch.Tensor", mat_b: "torch.Tensor", offs: Any
             return a.new_empty(a.shape[0], b.shape[-1], dtype=out_dtype or a.dtype)
 
         @staticmethod
-        def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - trace only
-            raise NotImplementedError("grouped_mm emulator is for memory tracing only")
+        def backward(ctx: Any, grad: Any) -> Any:
+            # GroupedMmBackward0: grad_a = grouped_mm(grad, b^T) [S, k], grad_b = grouped_mm(a^T, grad) [E, k, n].
+            b, o, a = ctx.saved_tensors
+            grad_a = a.new_empty(a.shape) if ctx.needs_input_grad[0] else None
+            grad_b = b.new_empty(b.shape) if ctx.needs_input_grad[1] else None
+            return grad_a, grad_b, None
 
     if mat_a.dim() != 2 or mat_b.dim() != 3:
         raise NotImplementedError("only the MoE form [S, k] x [E, k, n] of grouped_mm is emulated")

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from launch.deepspeed_config import deepspeed_config
-from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
 from tests.conftest import ROOT
 
 PLANS = [

@@ -13,8 +13,8 @@ from launch.synthetic import batch
 from orchestrator.inputs import load_model, resolve_cluster
 from orchestrator.launch_plan import choose_plan
 from planner.errors import PlanInputError
-from planner.pinned import Pinned
-from planner.training import TrainingSpec
+from planner.search.pinned import Pinned
+from planner.specs.training import TrainingSpec
 
 CPU2 = resolve_cluster("cpu-2", None, None, None)
 TRAINING = TrainingSpec(seq_len=64)

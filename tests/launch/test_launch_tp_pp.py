@@ -34,11 +34,11 @@ from launch.trainer import build_model
 from orchestrator.inputs import load_model, resolve_cluster
 from orchestrator.launch_plan import choose_plan
 from planner.errors import PlanInputError
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.pinned import Pinned
-from planner.presets import preset
-from planner.search import search
-from planner.training import TrainingSpec
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.search.pinned import Pinned
+from planner.structure.presets import preset
+from planner.search.engine import search
+from planner.specs.training import TrainingSpec
 
 CPU2 = resolve_cluster("cpu-2", None, None, None)
 TRAINING = TrainingSpec(seq_len=64)

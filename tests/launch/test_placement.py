@@ -7,8 +7,8 @@ import pytest
 
 from launch.placement import NodeGpu, Workers, check_gpus, matches, workers_for
 from planner.errors import PlanInputError
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.training import ParallelPlan
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.specs.training import ParallelPlan
 
 GiB = 2**30
 H100 = gpu_by_name("h100-80gb")

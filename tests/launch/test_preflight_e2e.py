@@ -1,7 +1,7 @@
 """`orch launch --preflight` for real on CPU: the planner's first plan is measured by real DeepSpeed
 ranks before any job starts, and kept when its measured peak fits the worker memory.
 
-Since the planner's peak equals the measured one on CPU (planner/phases.py, within 0.01% for the
+Since the planner's peak equals the measured one on CPU (planner/memory/phases.py, within 0.01% for the
 debug model), no CPU cluster makes the planner pick a plan that then measures too big; the moving
 path of the policy (next_plan) is tested on recorded measurements in
 tests/orchestrator/test_preflight.py, and on a GPU it is what preflight is for (allocator and
@@ -18,8 +18,8 @@ from orchestrator.inputs import CLUSTER_DIR, load_cluster, load_model, resolve_c
 from orchestrator.launch_plan import choose_plan
 from orchestrator.preflight import preflight
 from orchestrator.profiling import profile_plan
-from planner.pinned import Pinned
-from planner.training import TrainingSpec
+from planner.search.pinned import Pinned
+from planner.specs.training import TrainingSpec
 
 
 @pytest.mark.e2e

@@ -4,7 +4,7 @@ within 3%, the peak of live tensors within 3%).
 
 The ZeRO reduce bucket is set below the model's size (20,000 elements), so that gradients pass
 through several buckets as in a real model (by default the plan caps the bucket at the model's
-size, planner.zero_buffers.plan_buffers, and the whole model is one bucket). Stage 3
+size, planner.memory.zero_buffers.plan_buffers, and the whole model is one bucket). Stage 3
 partitions every parameter (persistence threshold 0): the planner does not model persistent
 parameters."""
 
@@ -19,10 +19,10 @@ import pytest
 
 from orchestrator.inputs import load_model, resolve_cluster
 from orchestrator.profiling import COMPONENTS, Profile, error_pct, measured_components, profile_plan
-from planner.params import total_params
-from planner.pinned import Pinned
-from planner.training import TrainingSpec
-from planner.zero_buffers import ZeroBuffers, plan_buffers
+from planner.structure.params import total_params
+from planner.search.pinned import Pinned
+from planner.specs.training import TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers, plan_buffers
 
 ORCH = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
 BUFFERS = ZeroBuffers(reduce_bucket_size=20_000, stage3_param_persistence_threshold=0)
@@ -108,7 +108,7 @@ def test_activations_within_3_percent(profiles: dict[int, Profile], stage: int) 
 
 
 # The peak: the loss's fp32 gradients over the logits (8V per token) beside every activation, at the
-# start of the backward (planner.phases), for every stage here: 5,767,680 B predicted against
+# start of the backward (planner.memory.phases), for every stage here: 5,767,680 B predicted against
 # 5,767,768 B measured at stages 1 and 2 (stage 1's sum of the components, 5,114,308 B, was 11% low).
 # 3%: the terms of the phase that sets the peak are each counted exactly; the rest is left to
 # allocator events that torch or DeepSpeed versions may add.
@@ -173,8 +173,8 @@ def test_json_contract(profiles: dict[int, Profile]) -> None:
 def test_a_profile_is_a_calibration_record(profiles: dict[int, Profile]) -> None:
     """What `orch profile --save` appends: fitted, it leaves the planner's peak within 0.1% of the
     measured one (on CPU the margin takes up what the tensor count misses between components)."""
-    from planner.calibration import fit, predicted_device_peak
-    from planner.overheads import Overheads
+    from planner.memory.calibration import fit, predicted_device_peak
+    from planner.memory.overheads import Overheads
 
     records = [profiles[s].record(load_model("debug"), TrainingSpec(seq_len=256), BUFFERS) for s in STAGES]
     assert all(r.allocated_peak_bytes == r.device_peak_bytes == profiles[s].measured["peak"] for s, r in zip(STAGES, records))

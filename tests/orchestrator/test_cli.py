@@ -26,7 +26,7 @@ def test_plan_json_contract():
         assert key in plan
     mem = plan["memory"]
     parts = ("parameters", "gradients", "optimizer", "activations", "overhead")
-    # The peak is the largest of what is alive together in one phase of the step (planner/phases.py:
+    # The peak is the largest of what is alive together in one phase of the step (planner/memory/phases.py:
     # the components, less what is already freed, plus transients such as the loss's fp32 gradient).
     assert mem["total"] == mem["peak_allocated"] + mem["overhead"]
     assert mem["peak_allocated"] >= mem["parameters"] + mem["optimizer"]
@@ -39,6 +39,61 @@ def test_nothing_fits_exits_1_and_says_what_would():
     out = orch("plan", "--model", "llama3.1-405b", "--gpu", "a100-80gb", "--gpus", "8", "--zero", "0")
     assert out.returncode == 1
     assert "DOES NOT FIT" in out.stdout and "would fit" in out.stdout
+
+
+def _hint_flags(hint: str) -> tuple[list[str], int | None]:
+    """The flags a would_fit hint names, and its GPU count if it names one."""
+    head = hint.split(":")[0].split(" (instead of")[0]
+    words = head.split()
+    gpus = int(words[0]) if words[0].isdigit() else None
+    flags = words[words.index("with") + 1:] if "with" in words else [w for w in words if w != "on"]
+    return [w for w in flags if w not in ("this", "cluster")], gpus
+
+
+def _replace(args: list[str], flags: list[str]) -> list[str]:
+    """``args`` with every flag of ``flags`` set to its value there (added when absent)."""
+    out = list(args)
+    i = 0
+    while i < len(flags):
+        name, value = flags[i], flags[i + 1]
+        if name in out:
+            out[out.index(name) + 1] = value
+        else:
+            out += [name, value]
+        i += 2
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "llama3.1-405b", "--gpu", "a100-80gb", "--gpus", "8", "--zero", "0"],
+    ["--model", "llama3.1-70b", "--gpu", "a100-80gb", "--gpus", "8", "--seq-len", "8192", "--recompute", "none",
+     "--micro-batch", "2"],
+])
+def test_nothing_fits_json_keeps_the_closest_plans_and_every_hint_fits(args):
+    out = orch("plan", *args, "--json")
+    assert out.returncode == 1, out.stderr
+    report = json.loads(out.stdout)
+    plans = report["plans"]
+    assert plans and all(not p["fits"] for p in plans)
+    assert all(p["memory"]["total"] > report["cluster"]["gpu_memory_bytes"] for p in plans)
+    assert [p["memory"]["total"] for p in plans] == sorted(p["memory"]["total"] for p in plans)
+    assert report["would_fit"]
+    for hint in report["would_fit"]:
+        flags, gpus = _hint_flags(hint)
+        rerun = _replace(args, flags + (["--gpus", str(gpus)] if gpus else []))
+        again = orch("plan", *rerun, "--json")
+        assert again.returncode == 0, (hint, rerun, again.stderr[-500:])
+
+
+def test_a_blocked_plan_names_the_flag_that_blocks_it():
+    out = orch("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb", "--gpus", "16", "--recompute", "full",
+               "--tp", "8", "--pp", "2", "--json")
+    assert out.returncode == 1
+    hints = json.loads(out.stdout)["would_fit"]
+    assert hints and "--backend megatron" in hints[0] and not any("on this cluster" in h for h in hints)
+    megatron = orch("plan", "--model", "llama3.1-70b", "--gpu", "h100-80gb", "--gpus", "16", "--recompute", "full",
+                    "--tp", "8", "--pp", "2", "--backend", "megatron", "--json")
+    assert megatron.returncode == 0, megatron.stderr
 
 
 def test_plan_fits_exits_0():
@@ -85,7 +140,8 @@ def test_bad_files(tmp_path):
     heads.write_text(json.dumps({"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3,
                                  "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 10}))
     out = orch("plan", "--model", str(heads), "--gpu", "h100-80gb")
-    assert out.returncode == 2 and "does not divide hidden_size" in out.stderr
+    assert out.returncode == 2 and "not a multiple of the number of attention heads" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
     bad_yaml = tmp_path / "c.yaml"
     bad_yaml.write_text("gpu: [unclosed")
@@ -141,8 +197,8 @@ def test_method_flags_and_errors():
 
 
 def test_any_transformers_architecture(tmp_path):
-    """A family without a dedicated reader (OPT) plans with transformers' exact parameter count, and
-    --trace measures its activations exactly."""
+    """Any family transformers builds (OPT here) plans from its own modules: transformers' exact
+    parameter count, and --trace (the full unsplit trace) agrees with the default activations."""
     cfg = {"model_type": "opt", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "ffn_dim": 1024,
            "vocab_size": 1000, "max_position_embeddings": 512, "word_embed_proj_dim": 256}
     path = tmp_path / "opt" / "config.json"
@@ -155,8 +211,12 @@ def test_any_transformers_architecture(tmp_path):
     from planner.trace import count_parameters
 
     assert report["model"]["num_params"] == count_parameters(cfg)
-    assert report["model"]["structure"] == "approximated"
+    assert report["model"]["model_class"] == "OPTForCausalLM"
     assert "exact FakeTensor trace" in " ".join(report["notes"])
+    default = orch("plan", "--model", str(path), "--gpu", "a100-80gb", "--gpus", "1", "--seq-len", "256", "--tp", "1",
+                   "--recompute", "none", "--json")
+    traced = report["plans"][0]["memory"]["activations"]
+    assert json.loads(default.stdout)["plans"][0]["memory"]["activations"] == traced
     bogus = tmp_path / "bogus.json"
     bogus.write_text(json.dumps({"model_type": "nosucharch", "hidden_size": 8, "num_attention_heads": 2,
                                  "num_hidden_layers": 1, "vocab_size": 10}))

@@ -160,8 +160,8 @@ def test_the_job_spec_carries_the_plan_the_metrics_are_set_against(tmp_path: Pat
     from orchestrator.inputs import load_model, resolve_cluster
     from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan
     from orchestrator.planning import evaluate_plan
-    from planner.pinned import Pinned
-    from planner.training import TrainingSpec
+    from planner.search.pinned import Pinned
+    from planner.specs.training import TrainingSpec
 
     model, cluster = load_model("debug"), resolve_cluster("cpu-2", None, None, None)
     training = TrainingSpec(seq_len=64, global_batch=0)

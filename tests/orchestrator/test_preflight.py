@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.preflight import Ranked, changes, next_plan, preflight, short
 from planner.errors import PlanInputError
-from planner.training import ParallelPlan
+from planner.specs.training import ParallelPlan
 from planner.units import GiB
 
 Z1_MB8 = ParallelPlan(dp=2, zero_stage=1, micro_batch=8)
@@ -56,10 +56,10 @@ class FakeProfile:
 def test_controller_walks_until_a_plan_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The controller measures each plan the policy names and launches the first that fits."""
     import orchestrator.preflight as pf
-    from planner.hardware import dgx_cluster, gpu_by_name
-    from planner.pinned import Pinned
-    from planner.presets import preset
-    from planner.training import TrainingSpec
+    from planner.specs.hardware import dgx_cluster, gpu_by_name
+    from planner.search.pinned import Pinned
+    from planner.structure.presets import preset
+    from planner.specs.training import TrainingSpec
 
     cluster = dgx_cluster(gpu_by_name("cpu"), 2).model_copy(update={"gpu": gpu_by_name("cpu").model_copy(update={"memory_bytes": 10 * GiB})})
     monkeypatch.setattr(pf, "ranked_plans", lambda *a: list(RANKED))

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from planner.hardware import ClusterSpec, dgx_cluster, gpu_by_name
-from planner.hf_config import spec_from_hf_config
-from planner.model import ModelSpec
-from planner.training import ParallelPlan, TrainingSpec
+from planner.specs.hardware import ClusterSpec, dgx_cluster, gpu_by_name
+from planner.structure.hf_config import spec_from_hf_config
+from planner.structure.model import ModelSpec
+from planner.specs.training import ParallelPlan, TrainingSpec
 from tests.conftest import DATA
 
 ASSUMED = {
@@ -53,7 +53,7 @@ def _hf_config(m: dict, arch: str) -> dict:
 
 
 def _flops_per_step(run: dict, model: ModelSpec, training: TrainingSpec, plan: ParallelPlan) -> float:
-    from planner.flops import hardware_flops_per_token, model_flops_per_token
+    from planner.speed.flops import hardware_flops_per_token, model_flops_per_token
 
     tokens = training.global_batch * training.seq_len
     counts_recompute = run["measured"].get("tflops_counts_recompute")

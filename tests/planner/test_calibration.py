@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from planner.calibration import Calibration, MeasuredRecord, calibrated_cluster, fit, parse_records, predicted_device_peak
+from planner.memory.calibration import Calibration, MeasuredRecord, calibrated_cluster, fit, parse_records, predicted_device_peak
 from planner.errors import PlanInputError
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.overheads import Overheads
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.memory.overheads import Overheads
 from planner.units import GiB, MiB
 from tests.conftest import DATA
 

@@ -7,12 +7,12 @@ import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from planner.evaluate import evaluate
-from planner.finetune import FinetuneSpec, trainable_params
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.hf_config import spec_from_hf_config
-from planner.presets import preset
-from planner.training import ParallelPlan, TrainingSpec
+from planner.memory.evaluate import evaluate
+from planner.finetune.methods import FinetuneSpec, trainable_params
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.structure.hf_config import spec_from_hf_config
+from planner.structure.presets import preset
+from planner.specs.training import ParallelPlan, TrainingSpec
 
 SMALL = {
     "llama": {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 256, "num_attention_heads": 8,

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from planner.activations import in_flight_micro_batches, layer_bytes
-from planner.model_states import ShardShape, state_bytes
-from planner.params import layers_per_stage
-from planner.presets import preset
-from planner.training import ParallelPlan, TrainingSpec
+from planner.memory.activations import in_flight_micro_batches, layer_bytes
+from planner.memory.model_states import ShardShape, state_bytes
+from planner.structure.params import layers_per_stage
+from planner.structure.presets import preset
+from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.units import GiB
 from tests.conftest import DATA
 

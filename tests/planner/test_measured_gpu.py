@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from planner.calibration import MeasuredRecord, parse_records
-from planner.evaluate import COMPONENTS, evaluate
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.hf_config import spec_from_hf_config
-from planner.presets import preset
-from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.memory.calibration import MeasuredRecord, parse_records
+from planner.memory.evaluate import COMPONENTS, evaluate
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.structure.hf_config import spec_from_hf_config
+from planner.structure.presets import preset
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
 from tests.conftest import DATA
 
 MEASURED = DATA / "measured"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from planner.model_states import ShardShape, padded, state_bytes
-from planner.training import ParallelPlan, TrainingSpec
-from planner.zero_buffers import ZeroBuffers
+from planner.memory.model_states import ShardShape, padded, state_bytes
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
 from tests.conftest import DATA
 
 BF16_ADAM = TrainingSpec(precision="bf16", optimizer="adamw")
@@ -130,9 +130,9 @@ def test_zero12_gradients_as_measured(zero: int, bucket: int, measured: int) -> 
     """Stage 1: b Psi + bucket at the reduce's entry, or b(Psi - B_1) + bucket + b P_in once the
     first bucket's gradients are freed and the partition buffer allocated; stage 2 with one bucket:
     the gradient in flight and the partition buffer never together."""
-    from planner.evaluate import evaluate
-    from planner.hardware import dgx_cluster, gpu_by_name
-    from planner.presets import preset
+    from planner.memory.evaluate import evaluate
+    from planner.specs.hardware import dgx_cluster, gpu_by_name
+    from planner.structure.presets import preset
 
     plan = ParallelPlan(dp=2, zero_stage=zero, micro_batch=2)
     cluster = dgx_cluster(gpu_by_name("cpu"), 2)

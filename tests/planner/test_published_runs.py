@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.evaluate import evaluate
-from planner.pinned import Pinned
-from planner.search import search
-from planner.speed import step_time
+from planner.memory.evaluate import evaluate
+from planner.search.pinned import Pinned
+from planner.search.engine import search
+from planner.speed.step import step_time
 from tests.planner.published import load_runs
 
 RUNS = load_runs()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.pinned import Pinned
-from planner.presets import preset
-from planner.search import search
-from planner.training import TrainingSpec
-from planner.validate import plan_problems
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.search.pinned import Pinned
+from planner.structure.presets import preset
+from planner.search.engine import search
+from planner.specs.training import TrainingSpec
+from planner.search.validate import plan_problems
 
 
 def setup(name="llama3.1-70b", gpu="h100-80gb", gpus=64, gbs=512, seq=4096):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from planner.cost import run_cost
-from planner.flops import hardware_flops_per_token, model_flops_per_token
-from planner.hardware import dgx_cluster, gpu_by_name
-from planner.params import total_params
-from planner.presets import preset
-from planner.scaling import compute_optimal, generated_llama
-from planner.speed import step_time
-from planner.training import ParallelPlan, TrainingSpec
+from planner.speed.cost import run_cost
+from planner.speed.flops import hardware_flops_per_token, model_flops_per_token
+from planner.specs.hardware import dgx_cluster, gpu_by_name
+from planner.structure.params import total_params
+from planner.structure.presets import preset
+from planner.search.scaling import compute_optimal, generated_llama
+from planner.speed.step import step_time
+from planner.specs.training import ParallelPlan, TrainingSpec
 
 
 def test_flops_equal_narayanan_formula():

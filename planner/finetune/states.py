@@ -1,0 +1,72 @@
+"""Model states of fine-tuning methods: frozen base weights, trainable parameters with their
+gradients and optimizer states (symbols as in planner.memory.model_states)."""
+
+from __future__ import annotations
+
+from planner.finetune.methods import FinetuneSpec, quantized_bytes_per_param, trainable_params
+from planner.structure.model import ModelSpec
+from planner.memory.model_states import OPTIMIZER_STATE_BYTES, StateBytes
+from planner.structure.params import layers_per_stage, stage_layers, stage_params
+from planner.specs.training import ParallelPlan, TrainingSpec
+from planner.memory.zero_buffers import ZeroBuffers
+
+
+def quantized_elements(m: ModelSpec, layer: int) -> int:
+    """Elements of layer ``layer`` that bitsandbytes stores in 4 bits: the weights of its nn.Linear /
+    Conv1D modules, routers included (transformers ``replace_with_bnb_linear`` converts every one but
+    the output embedding); fused 3-D expert tensors, norms and biases stay in 16 bits."""
+    return sum(x.in_features * x.out_features for x in m.layout.kind(layer).linears if not x.experts)
+
+
+def frozen_base_bytes(m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> int:
+    """The frozen base weights of a rank: 16-bit (fp32 when training in fp32), or for QLoRA the
+    4-bit linears with their constants and every other parameter in fp32 (peft's
+    prepare_model_for_kbit_training; 16-bit with ``upcast_fp32=False``); ZeRO-3 partitions them over dp."""
+    sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
+    elem = 4 if training.precision == "fp32" else 2
+    if ft.method == "qlora":
+        quantized = sum(quantized_elements(m, i) for i in stage_layers(m.num_layers, plan.pp, stage)) / plan.tp
+        rest = 4 if ft.upcast_fp32 else elem
+        base = quantized * quantized_bytes_per_param(ft) + (sp.total - quantized) * rest
+    else:
+        base = sp.total * elem
+    return int(base / plan.dp) if plan.zero_stage == 3 else int(base)
+
+
+def trainable_on_rank(m: ModelSpec, ft: FinetuneSpec, plan: ParallelPlan, stage: int) -> int:
+    """Trainable parameters of a rank: the method's count spread over layers (pipeline stages by
+    their layer share) and tensor ranks. Prompt tuning's embedding sits on the first stage."""
+    total = trainable_params(m, ft)
+    if ft.method == "prompt":
+        return total if stage == 0 else 0
+    share = layers_per_stage(m.num_layers, plan.pp)[stage] / m.num_layers
+    return int(total * share / plan.tp)
+
+
+def finetune_states(
+    m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int, buffers: ZeroBuffers | None
+) -> StateBytes:
+    """Parameters = frozen base + trainable; gradients and optimizer states for the trainable part
+    only, in the adapters' dtype (fp32 by default in peft), sharded by ZeRO like any parameters.
+    MeZO (Malladi et al. 2023) keeps no gradients and no optimizer state: it perturbs the weights in
+    place from a random seed and steps with a stateless SGD."""
+    base = frozen_base_bytes(m, ft, training, plan, stage)
+    if ft.method == "mezo":
+        return StateBytes(parameters=base, gradients=0, optimizer=0)
+    n = trainable_on_rank(m, ft, plan, stage)
+    ab, z, dp = ft.adapter_bytes, plan.zero_stage, plan.dp
+    k = OPTIMIZER_STATE_BYTES[training.optimizer]
+    params = n * ab // (dp if z == 3 else 1)
+    grads = n * ab // (dp if z >= 2 else 1)
+    optimizer = int(n * k) // (dp if z >= 1 else 1)
+    if buffers is not None and z >= 1:
+        grads += buffers.reduce_bucket_size * ab  # DeepSpeed allocates the whole bucket
+    host = 0
+    if ft.paged_optimizer:
+        # Paged optimizers live in unified memory and page out to host RAM under pressure
+        # (Dettmers et al. 2023, section 3): the GPU need not hold them.
+        host, optimizer = optimizer, 0
+    if plan.offload != "none":
+        host += optimizer
+        optimizer = 0
+    return StateBytes(parameters=base + params, gradients=grads, optimizer=optimizer, host=host)

@@ -1,0 +1,280 @@
+"""Step time of a plan: compute (roofline per matmul with an achievable-efficiency ceiling),
+tensor/context/expert/pipeline/data-parallel communication (planner.speed.comm), the pipeline bubble,
+the optimizer step and offload traffic.
+
+The efficiency constants are named below with their sources; ``tests/planner/test_speed.py``
+checks the whole model against published training runs (tests/data/published_runs.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.speed.comm import all_gather_s, all_reduce_s, all_to_all_s, group_links, p2p_s, reduce_scatter_s
+from planner.finetune.methods import FinetuneSpec, trainable_params
+from planner.speed.flops import hardware_flops_per_token, model_flops_per_token, pass_multipliers
+from planner.specs.hardware import ClusterSpec
+from planner.structure.model import ModelSpec
+from planner.structure.params import layers_per_stage, stage_params, total_params
+from planner.specs.training import ParallelPlan, TrainingSpec
+
+
+class SpeedConstants(BaseModel):
+    """Achievable fractions of peak; calibrated on published runs (see module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gemm_efficiency: float = Field(
+        default=0.64, gt=0, le=1,
+        description="Sustained bf16/fp16 GEMM fraction of dense peak inside a training step. Isolated "
+        "large GEMMs reach ~80% (cuBLAS ~250 of 312 TFLOP/s on A100); in training, clocks under power "
+        "limits and kernel tails bring it lower. Fitted on tests/data/published_runs.json (39 runs, "
+        "grid search in bench/calibrate_speed.py): mean error 7.6%, worst 18.6%.",
+    )
+    attention_efficiency: float = Field(
+        default=0.65, gt=0, le=1,
+        description="FlashAttention-2 forward+backward fraction of peak (Dao 2023: 50-73% forward, "
+        "lower backward, on A100); fitted with gemm_efficiency.",
+    )
+    kernel_launch_s: float = Field(
+        default=4e-6, ge=0, description="Fixed cost of one kernel launch or tiny op, seconds."
+    )
+    elementwise_bytes_per_token_per_hidden: float = Field(
+        default=40.0, ge=0,
+        description="Memory traffic of the non-matmul ops of one layer's forward per token, in units of "
+        "h bytes (norms, residual adds, activation function, dropout, rotary: ~20 reads+writes of "
+        "16-bit tensors of width h, counted from the layer's op list).",
+    )
+    dp_overlap: float = Field(
+        default=0.85, ge=0, le=1,
+        description="Fraction of the compute behind which bucketed gradient reduction and ZeRO-3 "
+        "prefetch hide (DeepSpeed overlap_comm).",
+    )
+    cpu_adam_params_per_s: float = Field(
+        default=1.0e9, gt=0,
+        description="DeepSpeed CPU-Adam updates per second per rank's share of host cores (ZeRO-Offload, "
+        "Ren et al. 2021, section 5: 6.4x faster than PyTorch CPU Adam, ~1B params/s per node share).",
+    )
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by component, and the derived rates."""
+
+    compute_s: float
+    bubble_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+    ep_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float
+    optimizer_s: float
+    offload_s: float
+    tokens_per_step: int
+    num_gpus: int
+    hardware_flops: float
+    model_flops: float
+    peak_flops_per_gpu: float
+
+    @property
+    def step_time_s(self) -> float:
+        return (
+            self.compute_s + self.bubble_s + self.tp_comm_s + self.cp_comm_s + self.ep_comm_s
+            + self.pp_comm_s + self.dp_comm_s + self.optimizer_s + self.offload_s
+        )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time_s
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        """Achieved hardware FLOP/s per GPU, recomputation counted (Narayanan et al. 2021)."""
+        return self.hardware_flops / self.step_time_s / self.num_gpus / 1e12
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation, recomputation not counted (Chowdhery et al. 2022, Appendix B)."""
+        return self.model_flops / self.step_time_s / self.num_gpus / self.peak_flops_per_gpu
+
+    def components(self) -> dict[str, float]:
+        return {
+            "compute": self.compute_s, "pipeline_bubble": self.bubble_s, "tensor_parallel_comm": self.tp_comm_s,
+            "context_parallel_comm": self.cp_comm_s, "expert_parallel_comm": self.ep_comm_s,
+            "pipeline_comm": self.pp_comm_s, "data_parallel_comm": self.dp_comm_s,
+            "optimizer_step": self.optimizer_s, "offload": self.offload_s,
+        }
+
+
+def _gemm_s(m: float, k: float, n: float, peak: float, hbm: float, c: SpeedConstants, elem: int) -> float:
+    """Roofline time of an (m x k)(k x n) matmul: compute at the GEMM ceiling or memory, plus a launch."""
+    flops = 2 * m * k * n
+    traffic = elem * (m * k + k * n + m * n)
+    return max(flops / (peak * c.gemm_efficiency), traffic / hbm) + c.kernel_launch_s
+
+
+def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cluster: ClusterSpec, c: SpeedConstants) -> tuple[float, float]:
+    """(matmul + elementwise seconds, attention-core seconds) of one layer's forward on one rank."""
+    peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
+    elem = 4 if training.precision == "fp32" else 2
+    s = training.seq_len // plan.cp
+    tokens = s * plan.micro_batch
+    h, t = m.hidden_size, plan.tp
+    q, kv, f = m.q_width, m.kv_width, m.ffn_hidden_size
+    gemm = _gemm_s(tokens, h, (q + 2 * kv) / t, peak, hbm, c, elem) + _gemm_s(tokens, q / t, h, peak, hbm, c, elem)
+    matrices_in = 2 if m.gated_mlp else 1
+    if m.is_moe:
+        # Each expert sees tokens*top_k/E tokens on average; the rank runs E/ep experts' GEMMs.
+        routed = tokens * m.experts_per_token * plan.ep / m.num_experts
+        experts_here = m.num_experts // plan.ep
+        mlp = experts_here * (
+            matrices_in * _gemm_s(routed, h, f / t, peak, hbm, c, elem) + _gemm_s(routed, f / t, h, peak, hbm, c, elem)
+        ) + _gemm_s(tokens, h, m.num_experts, peak, hbm, c, elem)
+    else:
+        mlp = matrices_in * _gemm_s(tokens, h, f / t, peak, hbm, c, elem) + _gemm_s(tokens, f / t, h, peak, hbm, c, elem)
+    elementwise = c.elementwise_bytes_per_token_per_hidden * tokens * h / (t if plan.sp else 1) / hbm
+    # Attention core: 4 s_q s_kv q FLOPs per sequence (QK^T and PV); with cp each rank's queries meet
+    # the whole sequence's keys.
+    core_flops = 4 * plan.micro_batch * s * training.seq_len * q / t
+    if training.attention == "flash":
+        core = core_flops / (peak * c.attention_efficiency)
+    else:
+        scores_bytes = plan.micro_batch * m.num_heads / t * s * training.seq_len * elem
+        core = core_flops / (peak * c.gemm_efficiency) + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
+    return gemm + mlp + elementwise, core
+
+
+def step_time(
+    m: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    plan: ParallelPlan,
+    c: SpeedConstants | None = None,
+    finetune: FinetuneSpec | None = None,
+) -> StepTime:
+    c = c or SpeedConstants()
+    method = finetune.method if finetune is not None else "full"
+    k_dense, k_core = pass_multipliers(method)
+    links = group_links(cluster, plan)
+    peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
+    elem = 4 if training.precision == "fp32" else 2
+    s_rank = training.seq_len // plan.cp
+    tokens_mb = s_rank * plan.micro_batch
+    m_micro = plan.grad_accum
+
+    dense_f, core_f = layer_forward_s(m, training, plan, cluster, c)
+    # Backward is twice the forward; recompute reruns the forward (full) or the attention core (selective).
+    recompute = {"none": 0.0, "selective": core_f, "full": dense_f + core_f}[plan.recompute]
+    layer_s = k_dense * dense_f + k_core * core_f + recompute
+
+    # Communication inside a layer per micro-batch: Megatron's 2 all-reduces forward and 2 backward
+    # (Shoeybi et al. 2019, Figure 4), plus 2 more when the forward is recomputed; with sequence
+    # parallelism each becomes a reduce-scatter + all-gather pair of equal volume (Korthikanti 2022).
+    act_bytes = tokens_mb * m.hidden_size * elem
+    n_tp = 4 + (2 if plan.recompute == "full" else 0)
+    tp_layer = n_tp * all_reduce_s(act_bytes, plan.tp, links.tp)
+    # Context parallelism: ring attention passes K and V around the cp ring, forward and backward
+    # (twice the K/V bytes backward), overlapped with the attention core where it is longer.
+    kv_bytes = 2 * tokens_mb * m.kv_width / plan.tp * elem
+    cp_layer = max(0.0, 3 * (plan.cp - 1) * p2p_s(kv_bytes / plan.cp * plan.cp, links.cp) - 3 * core_f) if plan.cp > 1 else 0.0
+    # Expert parallelism: two all-to-alls (dispatch, combine) forward and two backward.
+    ep_layer = 4 * all_to_all_s(act_bytes * m.experts_per_token, plan.ep, links.ep) if m.is_moe and plan.ep > 1 else 0.0
+
+    counts = layers_per_stage(m.num_layers, plan.pp)
+    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, peak, hbm, c, elem)
+    stage_s = [n * (layer_s + tp_layer + cp_layer + ep_layer) + (logits_s if i == plan.pp - 1 else 0.0) for i, n in enumerate(counts)]
+    slowest = max(stage_s)
+    compute = m_micro * slowest
+    # Pipeline bubble (pp-1)/(m v) of the ideal time (Narayanan et al. 2021, section 2.2).
+    bubble = compute * (plan.pp - 1) / (m_micro * plan.interleave)
+    # Stage-to-stage activations and gradients, split over the tensor ranks before the send and
+    # all-gathered after it (Narayanan et al. 2021 section 4.1 scatter/gather; DeepSpeed's
+    # pipeline.pipe_partitioned, on by default).
+    pp_comm = 2 * m_micro * plan.interleave * p2p_s(act_bytes / plan.tp, links.pp) if plan.pp > 1 else 0.0
+
+    tp_part = sum(counts[:1]) * tp_layer * m_micro
+    compute_only = compute - sum(counts[:1]) * (tp_layer + cp_layer + ep_layer) * m_micro
+    # Data-parallel traffic and the optimizer step scale with what trains: all parameters for full
+    # training, the adapters for PEFT (trainable/total), nothing but a scalar for MeZO.
+    trained = 1.0 if method == "full" else 0.0 if method == "mezo" else trainable_params(m, finetune) / total_params(m)
+    dp_comm = trained * _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c)
+    optimizer = trained * _optimizer_s(m, plan, hbm, c)
+    offload = trained * _offload_s(m, plan, cluster, c)
+
+    tokens_step = plan.micro_batch * m_micro * plan.dp * training.seq_len
+    return StepTime(
+        compute_s=compute_only,
+        bubble_s=bubble,
+        tp_comm_s=tp_part,
+        cp_comm_s=counts[0] * cp_layer * m_micro,
+        ep_comm_s=counts[0] * ep_layer * m_micro,
+        pp_comm_s=pp_comm,
+        dp_comm_s=dp_comm,
+        optimizer_s=optimizer,
+        offload_s=offload,
+        tokens_per_step=tokens_step,
+        num_gpus=plan.world_size,
+        hardware_flops=hardware_flops_per_token(m, training.seq_len, plan.recompute, method) * tokens_step,
+        model_flops=model_flops_per_token(m, training.seq_len, method) * tokens_step,
+        peak_flops_per_gpu=peak,
+    )
+
+
+def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *, backward_s: float, c: SpeedConstants) -> float:  # type: ignore[no-untyped-def]
+    """Exposed data-parallel communication per step. 16-bit gradients and parameters of the rank
+    (Rajbhandari et al. 2020, section 7: ZeRO-1/2 move 2 Psi like an all-reduce, ZeRO-3 3 Psi).
+    Stage 0 all-reduces and stage 1 reduce-scatters once per step; stages 2 and 3 reduce every
+    micro-batch (DeepSpeed reduces in the backward hooks) and stage 3 all-gathers parameters for
+    every forward and backward (again for a full recompute)."""
+    if plan.dp == 1:
+        return 0.0
+    sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=0)
+    grad_bytes = sp.total * (4 if training.precision == "fp32" else 2)
+    n, mm = plan.dp, plan.grad_accum
+    z = plan.zero_stage
+    if z == 0:
+        comm, per_micro = all_reduce_s(grad_bytes, n, link), 0.0
+    elif z == 1:
+        comm, per_micro = reduce_scatter_s(grad_bytes, n, link) + all_gather_s(grad_bytes, n, link), 0.0
+    elif z == 2:
+        comm = all_gather_s(grad_bytes, n, link)
+        per_micro = reduce_scatter_s(grad_bytes, n, link)
+    else:
+        gathers = 2 + (1 if plan.recompute == "full" else 0)
+        comm = 0.0
+        per_micro = reduce_scatter_s(grad_bytes, n, link) + gathers * all_gather_s(grad_bytes, n, link)
+    total = comm + mm * per_micro
+    # Bucketed reduction hides behind the backward of the last micro-batch (stage 0/1) or of every
+    # micro-batch (stage 2); stage 3 prefetches parameters behind the forward and backward too.
+    window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 else 1.0 / mm)
+    hidden = c.dp_overlap * window
+    return max(total - hidden, 0.05 * total)
+
+
+def _optimizer_s(m: ModelSpec, plan: ParallelPlan, hbm: float, c: SpeedConstants) -> float:
+    """The fused Adam step streams master weights, moments, gradients and the 16-bit copy:
+    about 4+4+4+4 bytes read and 4+4+4+2 written per owned parameter (memory bound)."""
+    if plan.offload != "none":
+        return 0.0
+    sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=0)
+    owned = sp.total / (plan.dp if plan.zero_stage >= 1 else 1)
+    return owned * 30 / hbm
+
+
+def _offload_s(m: ModelSpec, plan: ParallelPlan, cluster: ClusterSpec, c: SpeedConstants) -> float:
+    """ZeRO-Offload: gradients down and parameters up over PCIe once per step, the CPU Adam update
+    (Ren et al. 2021); ZeRO-Infinity parameter offload fetches the partition for every forward and
+    backward of every micro-batch."""
+    if plan.offload == "none":
+        return 0.0
+    sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=0)
+    owned = sp.total / plan.dp
+    pcie = cluster.gpu.pcie_GB_per_s * 1e9
+    t = 2 * owned * 2 / pcie + owned / c.cpu_adam_params_per_s
+    if plan.offload == "optimizer+params":
+        t += plan.grad_accum * 2 * owned * 2 / pcie
+    return t
