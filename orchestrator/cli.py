@@ -108,6 +108,7 @@ def plan(
     quant: F.QuantOpt = "nf4",
     double_quant: F.DoubleQuantOpt = True,
     quant_block_size: F.QuantBlockOpt = 64,
+    upcast_fp32: F.UpcastOpt = True,
     paged_optimizer: F.PagedOpt = False,
     adapter_dtype: F.AdapterDtypeOpt = "fp32",
     adapter_size: F.AdapterSizeOpt = 64,
@@ -115,7 +116,7 @@ def plan(
     num_virtual_tokens: F.VirtualTokensOpt = 20,
     ia3_targets: F.Ia3TargetsOpt = None,
     calibration: F.CalibrationOpt = None,
-    trace: bool = typer.Option(False, "--trace", help="Measure the best plan's activations with the exact FakeTensor trace."),
+    trace: bool = typer.Option(False, "--trace", help="Cross-check: trace the best plan's whole pipeline stage at its own shape (slower; the default profile is measured too)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON (the stable contract)."),
 ) -> None:
     """Find the fastest plan that fits a model on a cluster (a dry run: nothing is started)."""
@@ -148,7 +149,8 @@ def plan(
     model_spec = load_model(model)
     ft_fields = dict(
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets or (), lora_dropout=lora_dropout,
-        quant=quant, double_quant=double_quant, quant_block_size=quant_block_size, paged_optimizer=paged_optimizer,
+        quant=quant, double_quant=double_quant, quant_block_size=quant_block_size, upcast_fp32=upcast_fp32,
+        paged_optimizer=paged_optimizer,
         adapter_dtype=adapter_dtype, adapter_size=adapter_size, prefix_length=prefix_length,
         num_virtual_tokens=num_virtual_tokens, ia3_targets=ia3_targets or (),
     )
@@ -479,6 +481,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except PlanInputError as exc:
         print(f"orch: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except ValidationError as exc:  # a spec built past the flag checks: its own validator names the problem
+        print(f"orch: error: {pydantic_problem(exc, _command(argv) + ' flags')}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -489,6 +494,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         hint = getattr(exc, "param_hint", None) or ""
         where = f"{hint}: " if hint and str(hint) not in message else ""
-        print(f"orch: error: {where}{message}. To fix: see 'orch {_command(argv)} --help'", file=sys.stderr)
+        command = _command(argv) if _command(argv) in {c.name or c.callback.__name__.rstrip("_") for c in app.registered_commands} else ""
+        print(f"orch: error: {where}{message.rstrip('.')}. To fix: see 'orch {command + ' ' if command else ''}--help'",
+              file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)

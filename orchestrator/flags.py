@@ -117,6 +117,10 @@ LoraDropoutOpt = Annotated[float, typer.Option("--lora-dropout", help="Dropout o
 QuantOpt = Annotated[str, typer.Option("--quant", help="QLoRA base type: nf4 or fp4.", rich_help_panel=FINETUNE)]
 DoubleQuantOpt = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="QLoRA double quantisation.", rich_help_panel=FINETUNE)]
 QuantBlockOpt = Annotated[int, typer.Option("--quant-block-size", help="QLoRA weights per quantisation constant.", rich_help_panel=FINETUNE)]
+UpcastOpt = Annotated[bool, typer.Option(
+    "--upcast-fp32/--no-upcast-fp32",
+    help="QLoRA: fp32 copies of the non-4-bit parameters (peft's prepare_model_for_kbit_training, the TRL/peft recipe); --no-upcast-fp32 keeps them 16-bit.",
+    rich_help_panel=FINETUNE)]
 PagedOpt = Annotated[bool, typer.Option("--paged-optimizer", help="Optimizer states in pageable memory (QLoRA).", rich_help_panel=FINETUNE)]
 AdapterDtypeOpt = Annotated[str, typer.Option("--adapter-dtype", help="Trainable adapter dtype: fp32 (peft default) or bf16.", rich_help_panel=FINETUNE)]
 AdapterSizeOpt = Annotated[int, typer.Option("--adapter-size", help="Bottleneck adapter width (Houlsby).", rich_help_panel=FINETUNE)]

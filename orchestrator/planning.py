@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from planner.search.advice import suggestions
 from planner.speed.cost import RunCost, run_cost
 from planner.errors import PlanInputError
-from planner.memory.evaluate import evaluate
+from planner.memory.activations import traced_attention
+from planner.memory.evaluate import evaluate, kernels_of
 from planner.finetune.methods import FinetuneSpec, extra_sequence_tokens
 from planner.specs.hardware import ClusterSpec
 from planner.structure.model import ModelSpec
@@ -79,31 +80,36 @@ def run_plan(
     if pinned.given():
         result.notes.append("pinned: " + ", ".join(f"{k}={v}" for k, v in pinned.given().items()))
     result.notes.append(f"searched {found.evaluated} plans for the {backend} backend")
+    if not trace or not found.ranked:
+        result.notes.append(activation_note(model, cluster, training, finetune))
     if not found.ranked:
         result.suggestions = suggestions(model, cluster, training, pinned, found, backend=backend, ft=finetune)
         return result
     if trace:
         result.top[0] = traced_candidate(model, cluster, training, result.top[0], finetune)
         result.notes.append("activations of the best plan: exact FakeTensor trace")
-    else:
-        result.notes.append(activation_note(model, cluster, training))
     if tokens:
         result.cost = run_cost(cluster, tokens=tokens, tokens_per_s=result.top[0].speed.tokens_per_s)
     return result
 
 
-def activation_note(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> str:
-    """Say whose kernels the activation figures assume (they depend on it)."""
+def activation_note(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                    finetune: FinetuneSpec | None = None) -> str:
+    """Say whose kernels the activation figures assume (they depend on it), and when the model's
+    class cannot run the attention kernel asked for."""
     if model.implementation == "megatron":
         return "activations: Megatron-LM's fused kernels (Korthikanti et al. 2022), as --backend megatron runs them"
     cls = model.layout.extra.get("model_class", "the model")
     version = model.layout.extra.get("transformers", "")
-    if cluster.gpu.name == "cpu":
-        kernels = "CPU kernels"
-    else:
-        kernels = "CUDA flash attention" if training.attention == "flash" else "CUDA eager attention"
-    return (f"activations: traced from transformers {version} {cls} ({kernels}) under DeepSpeed, "
+    impl = traced_attention(model, training, finetune, kernels_of(cluster))
+    device = "CPU" if cluster.gpu.name == "cpu" else "CUDA"
+    kernels = f"{device} {'flash' if impl == 'flash' else impl or training.attention} attention"
+    note = (f"activations: traced from transformers {version} {cls} ({kernels}) under DeepSpeed, "
             "as orch launches it; --backend megatron models Megatron-LM's kernels instead")
+    if training.attention == "flash" and impl == "eager":
+        note += (f"; {cls} has no flash or SDPA attention in transformers {version}, so it keeps the "
+                 "s x s attention scores whatever --attention says")
+    return note
 
 
 def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> Candidate:

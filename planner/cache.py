@@ -15,7 +15,7 @@ from importlib import metadata
 from typing import Any, Callable, Protocol
 
 # Bump when what a namespace holds changes meaning (a new field, a fixed trace).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _TRACED_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 

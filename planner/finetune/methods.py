@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from planner.errors import PlanInputError, error_detail
 from planner.structure.model import ModelSpec
@@ -52,6 +52,15 @@ class FinetuneSpec(BaseModel):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneSpec:
+        if self.paged_optimizer and not self.is_peft:
+            raise PlanInputError(
+                f"--paged-optimizer pages the optimizer states of a parameter-efficient method, not --method {self.method}",
+                "use --offload optimizer for full training, or a method such as --method lora",
+            )
+        return self
 
     @property
     def is_peft(self) -> bool:

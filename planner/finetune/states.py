@@ -18,19 +18,38 @@ def quantized_elements(m: ModelSpec, layer: int) -> int:
     return sum(x.in_features * x.out_features for x in m.layout.kind(layer).linears if not x.experts)
 
 
-def frozen_base_bytes(m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> int:
-    """The frozen base weights of a rank: 16-bit (fp32 when training in fp32), or for QLoRA the
-    4-bit linears with their constants and every other parameter in fp32 (peft's
-    prepare_model_for_kbit_training; 16-bit with ``upcast_fp32=False``); ZeRO-3 partitions them over dp."""
+def _stage_base_bytes(m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> tuple[float, int]:
+    """(bytes, elements) of the frozen base of one pipeline stage and tensor rank, unpartitioned."""
     sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=stage)
     elem = 4 if training.precision == "fp32" else 2
     if ft.method == "qlora":
         quantized = sum(quantized_elements(m, i) for i in stage_layers(m.num_layers, plan.pp, stage)) / plan.tp
         rest = 4 if ft.upcast_fp32 else elem
-        base = quantized * quantized_bytes_per_param(ft) + (sp.total - quantized) * rest
-    else:
-        base = sp.total * elem
+        return quantized * quantized_bytes_per_param(ft) + (sp.total - quantized) * rest, sp.total
+    return sp.total * elem, sp.total
+
+
+def frozen_base_bytes(m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int) -> int:
+    """The frozen base weights of a rank: 16-bit (fp32 when training in fp32), or for QLoRA the
+    4-bit linears with their constants and every other parameter in fp32 (peft's
+    prepare_model_for_kbit_training; 16-bit with ``upcast_fp32=False``); ZeRO-3 partitions them over dp."""
+    base, _ = _stage_base_bytes(m, ft, training, plan, stage)
     return int(base / plan.dp) if plan.zero_stage == 3 else int(base)
+
+
+def gathered_base_bytes(m: ModelSpec, ft: FinetuneSpec, training: TrainingSpec, plan: ParallelPlan, stage: int,
+                        buffers: ZeroBuffers | None) -> int:
+    """ZeRO-3 gathers frozen parameters like trainable ones (zero/partition_parameters.py partitions
+    every parameter of the module, requires_grad or not): the working set alive is bounded as for
+    full training (planner.memory.model_states._stage3: max_reuse_distance / 2 plus the prefetch
+    bucket, in elements), at the stage's mean bytes per base element."""
+    if plan.zero_stage != 3 or buffers is None:
+        return 0
+    base, elements = _stage_base_bytes(m, ft, training, plan, stage)
+    if elements == 0:
+        return 0
+    gathered = min(elements, buffers.stage3_max_reuse_distance // 2 + buffers.stage3_prefetch_bucket_size)
+    return int(base / elements * gathered)
 
 
 def trainable_on_rank(m: ModelSpec, ft: FinetuneSpec, plan: ParallelPlan, stage: int) -> int:
@@ -51,8 +70,12 @@ def finetune_states(
     MeZO (Malladi et al. 2023) keeps no gradients and no optimizer state: it perturbs the weights in
     place from a random seed and steps with a stateless SGD."""
     base = frozen_base_bytes(m, ft, training, plan, stage)
+    host = 0
+    if plan.offload == "optimizer+params":  # offload_param: the partition lives in host memory
+        host, base = base, 0
+    base += gathered_base_bytes(m, ft, training, plan, stage, buffers)
     if ft.method == "mezo":
-        return StateBytes(parameters=base, gradients=0, optimizer=0)
+        return StateBytes(parameters=base, gradients=0, optimizer=0, host=host)
     n = trainable_on_rank(m, ft, plan, stage)
     ab, z, dp = ft.adapter_bytes, plan.zero_stage, plan.dp
     k = OPTIMIZER_STATE_BYTES[training.optimizer]
@@ -61,7 +84,6 @@ def finetune_states(
     optimizer = int(n * k) // (dp if z >= 1 else 1)
     if buffers is not None and z >= 1:
         grads += buffers.reduce_bucket_size * ab  # DeepSpeed allocates the whole bucket
-    host = 0
     if ft.paged_optimizer:
         # Paged optimizers live in unified memory and page out to host RAM under pressure
         # (Dettmers et al. 2023, section 3): the GPU need not hold them.

@@ -40,6 +40,14 @@ def profile_of(m: ModelSpec, training: TrainingSpec, finetune: FinetuneSpec | No
                         dtype=trace_dtype(training), peft=peft, quant=quant, kernels=kernels, name=m.name)
 
 
+def traced_attention(m: ModelSpec, training: TrainingSpec, finetune: FinetuneSpec | None, kernels: Kernels) -> str:
+    """The attention implementation the model's profile really ran ("flash", "sdpa", "eager"), or
+    "" where no profile applies (Megatron kernels, MeZO's inference-only trace)."""
+    if m.implementation != "huggingface" or (finetune is not None and finetune.method == "mezo"):
+        return ""
+    return profile_of(m, training, finetune, kernels).attention_impl
+
+
 def _check_hf(plan: ParallelPlan) -> None:
     if plan.cp > 1:
         raise PlanInputError(
@@ -177,7 +185,7 @@ def backward_parts(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, sta
         share = prof.layer(i).split_share(b)
         scale = share / tp + (1 - share) / whole
         freed = prof.kept(i).at(b) / whole if full else _layer_saved(m, prof, training, plan, i, finetune)
-        parts.append((freed, at(prof.working(i), scale)))
+        parts.append((freed, at(prof.working(i, full), scale)))
     if stage == 0:
         first = prof.kept_input.at(b) / whole if full else prof.input.at(b, tp, sp) + prof.shared.at(b, tp, sp)
         parts.append((first, at(prof.working_input, 1 / whole)))

@@ -66,6 +66,10 @@ class ActivationProfile:
         self.traced_layers: int = data["traced_layers"]
         self.rep: tuple[int, ...] = tuple(data["rep"])
         self.adapter_dtype: str = data.get("adapter_dtype", "")
+        # The attention implementations the model really ran, e.g. "cpu:sdpa gpu:flash"; a model class
+        # without SDPA / flash support in transformers runs eager attention whatever --attention says.
+        impls = dict(part.split(":", 1) for part in data.get("kernels", "").split() if ":" in part)
+        self.attention_impl: str = impls.get("gpu" if kernels == "cuda" else "cpu", "")
         self.rng_bytes: int = data.get("checkpoint_rng_bytes", 0)
         saved, cpu = data["saved"][kernels], data["saved"]["cpu"]
 
@@ -96,6 +100,12 @@ class ActivationProfile:
         self.working_output = points("output")
         self.working_input = points("input")
         self.working_layers = tuple(points(f"layer{j}") for j in range(self.traced_layers))
+        # Under full recompute: measured with the rebuilt forward where the layer trains (else None).
+        rc = data.get("working_recompute") or []
+        self.working_layers_recompute = tuple(
+            tuple(PerBatch.of([float(w[f"layer{j}"][k]) for w in rc]) for k in range(len(self.grid)))
+            if rc and all(f"layer{j}" in w for w in rc) else None
+            for j in range(self.traced_layers))
 
     def layer(self, index: int) -> Part:
         """The saved bytes of real decoder layer ``index``."""
@@ -108,9 +118,11 @@ class ActivationProfile:
             kept = PerBatch(*(v + self.rng_bytes for v in (kept.b1, kept.b2, kept.b3)))
         return kept
 
-    def working(self, index: int) -> tuple[PerBatch, ...]:
-        """Real layer ``index``'s backward working set at each fraction of ``grid`` of its gradients."""
-        return self.working_layers[self.rep[index]]
+    def working(self, index: int, recompute: bool = False) -> tuple[PerBatch, ...]:
+        """Real layer ``index``'s backward working set at each fraction of ``grid`` of its gradients
+        (``recompute``: under full recompute, its rebuilt forward included, where measured)."""
+        measured = self.working_layers_recompute[self.rep[index]] if recompute else None
+        return measured or self.working_layers[self.rep[index]]
 
 
 _PARSED: dict[tuple[str, str], ActivationProfile] = {}

@@ -229,8 +229,11 @@ def search(
             if pp > 1 and zero == 0 and training.precision not in caps.pipeline_without_zero:
                 result.reject(f"invalid: {training.precision} pipeline without ZeRO on {backend}", shape.describe())
                 continue
-            offloads = _choices(pinned.offload, ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else []))
-            for offload in offloads:
+            allowed = ["none"] + (["optimizer"] if zero >= 1 else []) + (["optimizer+params"] if zero == 3 else [])
+            for offload in _choices(pinned.offload, allowed):
+                if offload not in allowed:
+                    result.reject(f"invalid: offload {offload} with ZeRO {zero}", shape.describe())
+                    continue
                 _search_branch(model, cluster, training, pinned, caps, recomputes, shape, zero, offload, mbs, result, constants, finetune)
     # Fastest first by throughput: with a fixed global batch this is the shortest step; without
     # one, plans process different batches and tokens per second is what compares them.

@@ -32,14 +32,15 @@ class Pinned(BaseModel):
 
 
 def default_plan(pinned: Pinned, cluster: ClusterSpec, training: TrainingSpec) -> tuple[ParallelPlan, list[str]]:
-    """Pinned dimensions as given; the others take simple defaults: dp fills the cluster, ZeRO 0,
-    micro-batch 1, no recompute, accumulation to reach the global batch. Returns the plan and the
-    names of the defaulted dimensions."""
+    """Pinned dimensions as given; the others take simple defaults: dp fills the cluster, ZeRO 0
+    (the lowest stage a pinned offload allows), micro-batch 1, no recompute, accumulation to reach
+    the global batch. Returns the plan and the names of the defaulted dimensions."""
     given = pinned.given()
     tp, pp, cp = given.get("tp", 1), given.get("pp", 1), given.get("cp", 1)
     dp = given.get("dp") or max(1, cluster.num_gpus // (tp * pp * cp))  # type: ignore[operator]
     mb = given.get("micro_batch", 1)
     accum = max(1, training.global_batch // (mb * dp)) if training.global_batch else 1  # type: ignore[operator]
-    fields = {"dp": dp, "tp": tp, "pp": pp, "cp": cp, "micro_batch": mb, "grad_accum": accum, **given}
+    zero = {"optimizer": 1, "optimizer+params": 3}.get(given.get("offload", "none"), 0)  # type: ignore[arg-type]
+    fields = {"dp": dp, "tp": tp, "pp": pp, "cp": cp, "micro_batch": mb, "grad_accum": accum, "zero_stage": zero, **given}
     defaulted = [k for k in ("dp", "zero_stage", "micro_batch", "recompute") if k not in given]
     return ParallelPlan(**fields), defaulted  # type: ignore[arg-type]

@@ -14,7 +14,18 @@ Modules:
 * ``gpu_kernels``: the CUDA kernels the ``gpu`` pass emulates (CPU vs CUDA differences).
 * ``recorder``: the saved-tensors recorder, module scopes, the torch function mode.
 * ``live``: MeZO's peak of live bytes (a ``TorchDispatchMode`` over a no_grad forward).
+* ``layout``: every parameter tensor of the model and how tensor parallelism splits it (meta device).
+* ``profile``: the activation profile the planner uses by default (saved, backward working sets,
+  full recompute), per part of the model, at micro-batch 1, 2 and 3.
+* ``quantized``: QLoRA's bitsandbytes 4-bit base and peft's prepare_model_for_kbit_training.
+* ``stages``: ``--trace``: a whole pipeline stage traced at the plan's shape (a cross-check).
 """
+
+import logging
+
+# peft imports bitsandbytes, whose CPU backend warns at import that it could not download an
+# accelerated 4-bit GEMM (no network): the trace runs bitsandbytes' fake kernels, never that GEMM.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from planner.trace.finetuning import count_trainable_parameters
 

@@ -256,10 +256,11 @@ def _part_of(rec: _Recorder, producer: str, after_layers: bool) -> str:
 
 
 def _live_pass(model: Any, hf_model: Any, prefix: str, n_layers: int, *, seq_len: int, b: int, attention: str,
-               backward: bool) -> dict[str, Any]:
+               backward: bool, recompute: bool = False) -> dict[str, Any]:
     """``backward=False``: bytes per part alive when the forward ends (with the loss alive).
     ``backward=True``: also one backward on a live-storage timeline: the loss's gradients and each
-    part's working set (see the module docstring)."""
+    part's working set (see the module docstring); ``recompute``: the model is checkpointed, and
+    each layer's working set includes its rebuilt forward (_recompute_windows)."""
     import torch
 
     rec = _Recorder(prefix, set())
@@ -306,7 +307,58 @@ def _live_pass(model: Any, hf_model: Any, prefix: str, n_layers: int, *, seq_len
             grads[serial] = f"layer{layer}"
         else:
             grads[serial] = _INPUT if position.get(id(p), -1) < first_layer_param else _OUTPUT
-    return {"kept": kept, **_windows(tl, fwd_end, saved, part, grads, n_layers)}
+    windows = _recompute_windows if recompute else _windows
+    return {"kept": kept, **windows(tl, fwd_end, saved, part, grads, n_layers)}
+
+
+def _recompute_windows(tl: _Timeline, fwd_end: int, saved: set[int], part: dict[int, str], grads: dict[int, str],
+                       n_layers: int) -> dict[str, Any]:
+    """Under full recompute (non-reentrant torch.utils.checkpoint), each layer's backward first
+    re-runs its forward: the rebuilt saved tensors, the forward's own transients and the incoming
+    gradient are alive together. Measured, not composed: layer j's window runs from the end of the
+    previous one to the event where its last parameter gradient appears; its working set at each
+    point is every non-gradient byte alive less what the parts after it keep (the checkpointed
+    inputs of the layers before it and the input side, attributed by producer as in ``kept``). A
+    layer without trainable parameters has no window (the composition of working and kept stands)."""
+    events = tl.events[fwd_end:]
+    kept_by_part: dict[str, int] = {}
+    for s_ in saved:
+        kept_by_part[part[s_]] = kept_by_part.get(part[s_], 0) + tl.nbytes[s_]
+    grad_totals: dict[str, int] = {}
+    for serial, name in grads.items():
+        grad_totals[name] = grad_totals.get(name, 0) + tl.nbytes[serial]
+    live = sum(tl.nbytes[s_] for s_ in saved)  # absolute non-gradient bytes alive, from the forward's end
+    made: dict[str, int] = {}
+    done_at: dict[str, int] = {}
+    series, produced = [], []
+    for i, (serial, sign) in enumerate(events):
+        if serial in grads:
+            if sign > 0:
+                name = grads[serial]
+                made[name] = made.get(name, 0) + tl.nbytes[serial]
+                if name not in done_at and made[name] >= grad_totals[name]:
+                    done_at[name] = i
+        else:
+            live += sign * tl.nbytes[serial]
+        series.append(live)
+        produced.append(dict(made))
+    working: dict[str, list[int]] = {}
+    start = done_at.get(_OUTPUT, 0)
+    for j in reversed(range(n_layers)):
+        name = f"layer{j}"
+        if name not in done_at:
+            continue
+        end = done_at[name] + 1
+        baseline = kept_by_part.get(_INPUT, 0) + kept_by_part.get(_SHARED, 0) + sum(
+            kept_by_part.get(f"layer{k}", 0) for k in range(j))
+        points = [0] * len(GRID)
+        for i in range(start, end):
+            fraction = produced[i].get(name, 0) / grad_totals[name]
+            k = next(k for k, g in enumerate(GRID) if fraction <= g + 1e-12)
+            points[k] = max(points[k], series[i] - baseline)
+        working[name] = points
+        start = end
+    return {"working": working}
 
 
 # Fractions of a part's parameter gradients produced, at which its backward's working set is given:
@@ -436,7 +488,8 @@ def profile_activations(
     if attention == "flash":
         _register_gpu_flash()
     out: dict[str, Any] = {"traced_layers": n_layers, "rep": list(rep), "batches": list(BATCHES),
-                           "saved": {"cpu": [], "cuda": []}, "kept": [], "loss_grad": [], "working": []}
+                           "saved": {"cpu": [], "cuda": []}, "kept": [], "loss_grad": [], "working": [],
+                           "working_recompute": []}
     with _LOCK, _default_dtype(tdtype), _assume_unpacked():
         for b in BATCHES:
             with FakeTensorMode():
@@ -467,8 +520,10 @@ def profile_activations(
                 except ValueError as exc:  # e.g. peft: "PREFIX_TUNING does not work with gradient checkpointing"
                     out["kept_error"] = error_detail(exc, 200)
                     continue
-                out["kept"].append(_live_pass(model, hf_model, prefix, n_layers, seq_len=seq_len, b=b, attention=attention,
-                                              backward=False)["kept"])
+                kept = _live_pass(model, hf_model, prefix, n_layers, seq_len=seq_len, b=b, attention=attention,
+                                  backward=True, recompute=True)
+                out["kept"].append(kept["kept"])
+                out["working_recompute"].append(kept["working"])
     # torch.utils.checkpoint (preserve_rng_state=True) keeps the CPU generator's state per
     # checkpointed layer, a tensor made outside the dispatcher: host memory, device memory only on CPU.
     import torch

@@ -4,13 +4,10 @@ process (orchestrator.cli.main), derandomised so CI explores the same combinatio
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.cli import main
+from tests.orchestrator.inprocess import run_orch
 
 MODELS = ["debug", "llama3.1-8b", "mixtral-8x7b", "gpt3-1.7b", "qwen2.5-7b", "nosuch", "/no/such.json", ""]
 GPUS = ["h100-80gb", "a100-40gb", "rtx4090-24gb", "cpu", "v100-32gb", "b900", ""]
@@ -53,22 +50,11 @@ def plan_args(draw: st.DrawFn) -> list[str]:
     return args
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
-
-
-@settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+@settings(max_examples=2500, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(plan_args())
 def test_every_flag_combination_ends_cleanly(argv: list[str]) -> None:
-    code, out, err = _run(argv)
+    code, out, err = run_orch(argv)
     assert code in (0, 1, 2), (argv, code, err[-2000:])
     assert "Traceback" not in err and "Traceback" not in out, (argv, err[-2000:])
     if code == 2:

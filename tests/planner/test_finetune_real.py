@@ -65,17 +65,32 @@ def _qlora(path: str) -> torch.nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(**LORA))
 
 
+def _lora_no_dropout(_: str) -> torch.nn.Module:
+    return peft.get_peft_model(build_real(CFG), peft.LoraConfig(**{**LORA, "lora_dropout": 0.0}))
+
+
 LORA_SPEC = dict(lora_rank=8, lora_targets=("all-linear",), lora_dropout=0.05)
 CASES = {
     "lora": (_lora, FinetuneSpec(method="lora", **LORA_SPEC)),
+    "lora-nodropout": (_lora_no_dropout, FinetuneSpec(method="lora", **{**LORA_SPEC, "lora_dropout": 0.0})),
     "qlora": (_qlora, FinetuneSpec(method="qlora", **LORA_SPEC)),
     "prefix": (_prefix, FinetuneSpec(method="prefix", prefix_length=8)),
     "ia3": (_ia3, FinetuneSpec(method="ia3")),
 }
-RUNS = [(name, b, s, "none") for name in CASES for b, s in ((2, 128), (4, 256))] + [("qlora", 4, 256, "full"), ("lora", 2, 256, "full")]
+# LoRA without dropout under full recompute: the FakeTensor trace of the checkpointed model keeps
+# 0.74 MB (10%) less than the real run at b2 s256 (peft 0.22, torch 2.13), while it is exact without
+# recompute and with dropout: a known gap, kept as a strict xfail so that a fix shows.
+KNOWN_GAP = pytest.mark.xfail(strict=True, reason="LoRA without dropout under full recompute: trace 10% under a real run")
+RUNS = [(name, b, s, "none") for name in ("lora", "qlora", "prefix", "ia3") for b, s in ((2, 128), (4, 256))] + [
+    ("qlora", 4, 256, "full"), ("lora", 2, 256, "full"), pytest.param("lora-nodropout", 2, 256, "full", marks=KNOWN_GAP)]
 
 
-@pytest.mark.parametrize("name, micro_batch, seq_len, recompute", RUNS, ids=[f"{n}-b{b}-s{s}-{r}" for n, b, s, r in RUNS])
+def _id(run) -> str:  # type: ignore[no-untyped-def]
+    n, b, s, r = run.values if hasattr(run, "values") else run
+    return f"{n}-b{b}-s{s}-{r}"
+
+
+@pytest.mark.parametrize("name, micro_batch, seq_len, recompute", RUNS, ids=[_id(r) for r in RUNS])
 def test_planned_peak_equals_a_real_run(saved_model: str, name: str, micro_batch: int, seq_len: int, recompute: str) -> None:
     make, ft = CASES[name]
     model = make(saved_model)
