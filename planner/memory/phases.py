@@ -35,7 +35,7 @@ from planner.memory.activations import backward_parts
 from planner.memory.profile import Kernels
 from planner.structure.model import ModelSpec
 from planner.memory.model_states import Backward, StateBytes
-from planner.structure.params import ParamTensor, embedding_tensors, head_tensors, layer_tensors, numel_per_rank, stage_layers
+from planner.structure.params import ParamTensor, embedding_tensors, head_tensors, numel_per_rank, stage_layers
 from planner.specs.training import ParallelPlan, TrainingSpec
 
 PhaseName = Literal["forward", "loss", "backward", "step"]
@@ -52,6 +52,7 @@ class Segment:
     largest: int  # elements of its largest gradient
     working: tuple[tuple[float, int], ...] = ()  # (fraction of its gradients produced, bytes its backward holds
     # beyond the saved activations of the parts after it)
+    count: int = 1  # consecutive identical parts this segment stands for (the layers of one kind)
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,50 @@ def backward_segments(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, 
     completes it), each layer, the embedding (first stage; an empty part elsewhere), with the
     activations each frees and its working set (planner.memory.activations.backward_parts). Dense
     parameters only: expert states are not walked (StateBytes.__add__)."""
+    # What a part's backward frees and holds does not depend on dp, ZeRO, offload or accumulation:
+    # a search evaluates many such plans per shape, so the segments are memoized per layout.
+    key = ("segments", m.implementation, training, plan.micro_batch, plan.tp, plan.pp, plan.cp, plan.ep, plan.sp,
+           plan.interleave, plan.recompute, stage, finetune, kernels)
+    return m.layout.memo(key, lambda: _segments(m, training, plan, stage, finetune, kernels))
+
+
+def _segments(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: int,
+              finetune: FinetuneSpec | None, kernels: Kernels) -> list[Segment]:
     acts = backward_parts(m, training, plan, stage, finetune, kernels)
     if not acts:
         return []
     layers = stage_layers(m.num_layers, plan.pp, stage)
-    parts: list[tuple[Part, tuple[ParamTensor, ...]]] = [("head", head_tensors(m, with_tied_copy=plan.pp > 1))] if stage == plan.pp - 1 else []
-    parts += [("layer", layer_tensors(m, i)) for i in reversed(layers)]
-    parts.append(("embedding", embedding_tensors(m) if stage == 0 else ()))
+    parts: list[tuple[Part, object]] = [("head", "head")] if stage == plan.pp - 1 else []
+    parts += [("layer", m.layout.layer_kinds[i]) for i in reversed(layers)]
+    parts.append(("embedding", "embedding" if stage == 0 else None))
+    runs: list[list] = []  # [key, count]: the same layer again makes one segment, counted
+    for (freed, working), (part, which) in zip(acts, parts):
+        key = (part, which, freed, working)
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
     out = []
-    for (freed, working), (part, tensors) in zip(acts, parts):
-        sizes = [numel_per_rank(t, m, plan.tp) for t in tensors if not t.expert]
-        out.append(Segment(part, activations=freed, elements=sum(sizes), largest=max(sizes, default=0), working=working))
+    for (part, which, freed, working), count in runs:
+        elements, largest = _dense_sizes(m, which, plan.tp, plan.pp > 1)
+        out.append(Segment(part, activations=freed, elements=elements, largest=largest, working=working, count=count))
     return out
+
+
+def _dense_sizes(m: ModelSpec, which: object, tp: int, tied_copy: bool) -> tuple[int, int]:
+    """(elements, largest tensor) per tensor rank of the dense parameters of a part: "head",
+    "embedding", a layer kind's index, or None (an empty part); memoized per layout."""
+    def compute() -> tuple[int, int]:
+        if which is None:
+            return 0, 0
+        tensors: tuple[ParamTensor, ...] = (
+            head_tensors(m, with_tied_copy=tied_copy) if which == "head"
+            else embedding_tensors(m) if which == "embedding" else m.layout.kinds[which].tensors  # type: ignore[index]
+        )
+        sizes = [numel_per_rank(t, m, tp) for t in tensors if not t.expert]
+        return sum(sizes), max(sizes, default=0)
+
+    return m.layout.memo(("dense_sizes", m.implementation, which, tp, tied_copy and which == "head"), compute)
 
 
 def step_phases(states: StateBytes, activations: int, loss_grad: int, segments: Sequence[Segment],
@@ -122,14 +155,15 @@ def _backward(p: int, o: int, bw: Backward, activations: int, segments: Sequence
     gathered parameters not yet released; then the end of the backward."""
     phases, produced, freed, before = [], 0, 0, 0
     for seg in segments:
-        before = produced
-        freed += seg.activations
-        alive = max(0, activations - freed)
-        for fraction, working in seg.working or ((1.0, 0),):
-            made = before + int(round(fraction * seg.elements))
-            grads = bw.gradients(made, seg.largest if made > before else 0)
-            phases.append(Phase("backward", p - bw.released(before), grads, o, alive + working))
-        produced += seg.elements
+        for _ in range(seg.count):
+            before = produced
+            freed += seg.activations
+            alive = max(0, activations - freed)
+            for fraction, working in seg.working or ((1.0, 0),):
+                made = before + int(round(fraction * seg.elements))
+                grads = bw.gradients(made, seg.largest if made > before else 0)
+                phases.append(Phase("backward", p - bw.released(before), grads, o, alive + working))
+            produced += seg.elements
     phases.append(Phase("backward", p - bw.released(before), bw.end, o, 0))
     return phases
 
@@ -139,9 +173,10 @@ def _backward_all_gradients(p: int, o: int, gradients: int, activations: int, se
     already counted (an upper bound on the gradients, exact on the activations)."""
     phases, freed = [], 0
     for seg in segments:
-        freed += seg.activations
+        freed += seg.activations  # the first of identical parts holds the most: the rest free more
         working = max((w for _, w in seg.working), default=0)
         phases.append(Phase("backward", p, gradients, o, max(0, activations - freed) + working))
+        freed += seg.activations * (seg.count - 1)
     return phases
 
 

@@ -200,6 +200,8 @@ def search(
     finetune: FinetuneSpec | None = None,
 ) -> SearchResult:
     pinned = pinned or Pinned()
+    if backend == "megatron" and model.implementation != "megatron":
+        model = model.model_copy(update={"implementation": "megatron"})  # its fused kernels, its vocab split
     caps = CAPABILITIES[backend]
     result = SearchResult(ranked=[])
     unsupported = _unsupported(pinned, caps, backend)

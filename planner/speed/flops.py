@@ -1,4 +1,4 @@
-"""Exact floating-point operations of a training step, from the model shape.
+"""Exact floating-point operations of a training step, from the model's own linear modules.
 
 A matmul of (m x k) by (k x n) is 2mkn FLOPs. Per token and layer, the forward pass does
 QKV 2h(q + 2kv), scores 2sq, attention over values 2sq, output projection 2qh, MLP 2hf per
@@ -10,20 +10,29 @@ Backward is twice the forward.
 
 from __future__ import annotations
 
+from planner.structure.layout import LayerKind
 from planner.structure.model import ModelSpec
 from planner.specs.training import Recompute
 
 
 def layer_forward_flops_per_token(m: ModelSpec, seq_len: int) -> tuple[float, float]:
-    """(dense matmul FLOPs, attention-core FLOPs) of one layer's forward, per token."""
-    h, q, kv, f = m.hidden_size, m.q_width, m.kv_width, m.ffn_hidden_size
-    matrices = 3 if m.gated_mlp else 2
-    mlp = 2 * h * f * matrices
-    if m.is_moe:
-        mlp = mlp * m.experts_per_token + 2 * h * m.num_experts  # routed experts + router
-    dense = 2 * h * (q + 2 * kv) + 2 * q * h + mlp
-    core = 2 * seq_len * q + 2 * seq_len * q
-    return float(dense), float(core)
+    """(dense matmul FLOPs, attention-core FLOPs) of the layers' forward per token, summed over all
+    layers, from the model's own modules (planner.structure.layout): 2 x in x out for every linear
+    (routers and shared experts included) and top-k of the routed experts' projections; the core
+    is 4 s q per layer for q = heads x head dim."""
+    layout = m.layout
+
+    def per_kind(kind: LayerKind) -> tuple[float, float]:
+        dense = sum(2.0 * x.in_features * x.out_features * (m.experts_per_token if x.experts else 1)
+                    for x in kind.linears)
+        q = kind.num_heads * kind.head_dim
+        return dense, 4.0 * seq_len * q
+
+    def total() -> tuple[float, float]:
+        per = [per_kind(kind) for kind in layout.kinds]
+        return sum(per[k][0] for k in layout.layer_kinds), sum(per[k][1] for k in layout.layer_kinds)
+
+    return layout.memo(("flops", seq_len, m.experts_per_token), total)
 
 
 def logits_forward_flops_per_token(m: ModelSpec) -> float:
@@ -47,7 +56,7 @@ def model_flops_per_token(m: ModelSpec, seq_len: int, method: str = "full") -> f
     model FLOPs), less for frozen weights (pass_multipliers)."""
     dense, core = layer_forward_flops_per_token(m, seq_len)
     k_dense, k_core = pass_multipliers(method)
-    return m.num_layers * (k_dense * dense + k_core * core) + k_dense * logits_forward_flops_per_token(m)
+    return k_dense * dense + k_core * core + k_dense * logits_forward_flops_per_token(m)
 
 
 def hardware_flops_per_token(m: ModelSpec, seq_len: int, recompute: Recompute, method: str = "full") -> float:
@@ -56,4 +65,4 @@ def hardware_flops_per_token(m: ModelSpec, seq_len: int, recompute: Recompute, m
     reruns only the attention core (Korthikanti et al. 2022, section 5)."""
     dense, core = layer_forward_flops_per_token(m, seq_len)
     extra = {"none": 0.0, "selective": core, "full": dense + core}[recompute]
-    return model_flops_per_token(m, seq_len, method) + m.num_layers * extra
+    return model_flops_per_token(m, seq_len, method) + extra
