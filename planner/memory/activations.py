@@ -18,7 +18,7 @@ from typing import Any
 
 from planner.errors import PlanInputError
 from planner.finetune.methods import FinetuneSpec, extra_sequence_tokens, trace_spec, trainable_params
-from planner.memory.profile import ActivationProfile, Kernels, load_profile
+from planner.memory.profile import ActivationProfile, Kernels, load_profile, profile_key
 from planner.structure.model import ModelSpec
 from planner.structure.params import layers_per_stage, stage_layers
 from planner.specs.training import ParallelPlan, TrainingSpec
@@ -36,8 +36,12 @@ def profile_of(m: ModelSpec, training: TrainingSpec, finetune: FinetuneSpec | No
         raise PlanInputError(f"{m.name} {what} has nothing to train", "choose another --method")
     peft, quant = trace_spec(m, finetune)
     seq = training.seq_len - (extra_sequence_tokens(finetune) if finetune is not None else 0)
+    dtype = trace_dtype(training)
+    # The key hashes the whole config; a search asks for the same profile thousands of times.
+    key = m.layout.memo(("profile_key", seq, training.attention, dtype, repr(peft), repr(quant)), lambda: profile_key(
+        m.hf_config, seq_len=seq, attention=training.attention, dtype=dtype, peft=peft, quant=quant))
     return load_profile(m.hf_config, m.layout.layer_kinds, seq_len=seq, attention=training.attention,
-                        dtype=trace_dtype(training), peft=peft, quant=quant, kernels=kernels, name=m.name)
+                        dtype=dtype, peft=peft, quant=quant, kernels=kernels, name=m.name, key=key)
 
 
 def traced_attention(m: ModelSpec, training: TrainingSpec, finetune: FinetuneSpec | None, kernels: Kernels) -> str:

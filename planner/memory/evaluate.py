@@ -13,7 +13,7 @@ from planner.structure.model import ModelSpec
 from planner.memory.model_states import ShardShape, StateBytes, state_bytes
 from planner.memory.partition import first_bucket, partition_span
 from planner.memory.overheads import Overheads, overhead_bytes, process_groups
-from planner.structure.params import layers_per_stage, stage_params, stage_tensor_sizes
+from planner.structure.params import layers_per_stage, experts_apart, stage_params, stage_tensor_sizes
 from planner.memory.phases import Phase, PhaseName, backward_segments, peak, step_phases
 from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.memory.zero_buffers import ZeroBuffers, plan_buffers
@@ -96,18 +96,20 @@ def rank_states(
     if finetune is not None and finetune.method != "full":
         return finetune_states(model, finetune, training, plan, stage, buffers), sp.total
     fp32_grads = model.implementation == "megatron"
-    dense = _shape(model, plan, stage, expert=False, buffers=buffers)
+    apart = sp.expert > 0 and experts_apart(model, plan.ep)
+    dense = _shape(model, plan, stage, expert=False if apart else None, buffers=buffers)
     states = state_bytes(dense, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads, gloo=gloo)
-    if sp.expert:
+    if apart:
         expert = _shape(model, plan, stage, expert=True, buffers=None)
         states += state_bytes(expert, training=training, plan=plan, buffers=buffers, fp32_grads=fp32_grads, gloo=gloo)
     return states, sp.total
 
 
-def _shape(model: ModelSpec, plan: ParallelPlan, stage: int, *, expert: bool, buffers: ZeroBuffers | None) -> ShardShape:
-    """Dense parameters shard over dp; expert parameters (E/ep experts per rank) over dp/ep. The
-    first reduce bucket (ZeRO-1) is counted for the dense parameters only, which DeepSpeed reduces
-    first; ``buffers=None`` counts none (conservative)."""
+def _shape(model: ModelSpec, plan: ParallelPlan, stage: int, *, expert: bool | None, buffers: ZeroBuffers | None) -> ShardShape:
+    """Dense parameters (``expert=None``: all of them, experts kept with the rest) shard over dp;
+    expert parameters (E/ep experts per rank) over dp/ep. The first reduce bucket (ZeRO-1) is
+    counted for the dense parameters only, which DeepSpeed reduces first; ``buffers=None`` counts
+    none (conservative)."""
     sizes = stage_tensor_sizes(model, tp=plan.tp, pp=plan.pp, stage=stage, expert=expert, ep=plan.ep)
     n = plan.dp // plan.ep if expert else plan.dp
     span = partition_span(sizes, n) if plan.zero_stage in (1, 2) else 0

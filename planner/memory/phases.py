@@ -35,7 +35,7 @@ from planner.memory.activations import backward_parts
 from planner.memory.profile import Kernels
 from planner.structure.model import ModelSpec
 from planner.memory.model_states import Backward, StateBytes
-from planner.structure.params import ParamTensor, embedding_tensors, head_tensors, numel_per_rank, stage_layers
+from planner.structure.params import ParamTensor, embedding_tensors, experts_apart, head_tensors, numel_per_rank, stage_layers
 from planner.specs.training import ParallelPlan, TrainingSpec
 
 PhaseName = Literal["forward", "loss", "backward", "step"]
@@ -75,8 +75,8 @@ def backward_segments(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, 
     """The parts of a stage in backward order, one micro-batch: the head (last stage; with tied
     embeddings and pp = 1 the shared matrix's gradient comes with the embedding, whose backward
     completes it), each layer, the embedding (first stage; an empty part elsewhere), with the
-    activations each frees and its working set (planner.memory.activations.backward_parts). Dense
-    parameters only: expert states are not walked (StateBytes.__add__)."""
+    activations each frees and its working set (planner.memory.activations.backward_parts). Expert
+    parameters kept apart (params.experts_apart) are not walked (StateBytes.__add__)."""
     # What a part's backward frees and holds does not depend on dp, ZeRO, offload or accumulation:
     # a search evaluates many such plans per shape, so the segments are memoized per layout.
     key = ("segments", m.implementation, training, plan.micro_batch, plan.tp, plan.pp, plan.cp, plan.ep, plan.sp,
@@ -102,13 +102,14 @@ def _segments(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, stage: i
             runs.append([key, 1])
     out = []
     for (part, which, freed, working), count in runs:
-        elements, largest = _dense_sizes(m, which, plan.tp, plan.pp > 1)
+        elements, largest = _dense_sizes(m, which, plan.tp, plan.ep, plan.pp > 1)
         out.append(Segment(part, activations=freed, elements=elements, largest=largest, working=working, count=count))
     return out
 
 
-def _dense_sizes(m: ModelSpec, which: object, tp: int, tied_copy: bool) -> tuple[int, int]:
-    """(elements, largest tensor) per tensor rank of the dense parameters of a part: "head",
+def _dense_sizes(m: ModelSpec, which: object, tp: int, ep: int, tied_copy: bool) -> tuple[int, int]:
+    """(elements, largest tensor) per tensor rank of the parameters of a part whose states the
+    backward walk follows (experts too, where they are not kept apart: params.experts_apart): "head",
     "embedding", a layer kind's index, or None (an empty part); memoized per layout."""
     def compute() -> tuple[int, int]:
         if which is None:
@@ -117,10 +118,11 @@ def _dense_sizes(m: ModelSpec, which: object, tp: int, tied_copy: bool) -> tuple
             head_tensors(m, with_tied_copy=tied_copy) if which == "head"
             else embedding_tensors(m) if which == "embedding" else m.layout.kinds[which].tensors  # type: ignore[index]
         )
-        sizes = [numel_per_rank(t, m, tp) for t in tensors if not t.expert]
+        sizes = [numel_per_rank(t, m, tp) for t in tensors if not (t.expert and apart)]
         return sum(sizes), max(sizes, default=0)
 
-    return m.layout.memo(("dense_sizes", m.implementation, which, tp, tied_copy and which == "head"), compute)
+    apart = experts_apart(m, ep)
+    return m.layout.memo(("dense_sizes", m.implementation, which, tp, apart, tied_copy and which == "head"), compute)
 
 
 def step_phases(states: StateBytes, activations: int, loss_grad: int, segments: Sequence[Segment],

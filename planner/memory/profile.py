@@ -126,7 +126,6 @@ class ActivationProfile:
 
 
 _PARSED: dict[tuple[str, str], ActivationProfile] = {}
-_KEYS: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
 
 
 def profile_key(hf_config: dict[str, Any], *, seq_len: int, attention: str, dtype: str, peft: dict[str, Any] | None,
@@ -135,14 +134,11 @@ def profile_key(hf_config: dict[str, Any], *, seq_len: int, attention: str, dtyp
 
 
 def load_profile(hf_config: dict[str, Any], layer_kinds: tuple[int, ...], *, seq_len: int, attention: str, dtype: str,
-                 peft: dict[str, Any] | None, quant: dict[str, Any] | None, kernels: Kernels, name: str) -> ActivationProfile:
-    """The profile of one job, traced on first use (planner.trace.profile) and cached."""
-    # The key hashes the whole config; a search asks for the same profile thousands of times.
-    memo = (id(hf_config), seq_len, attention, dtype, repr(peft), repr(quant))
-    if memo not in _KEYS:
-        _KEYS[memo] = (hf_config, profile_key(hf_config, seq_len=seq_len, attention=attention, dtype=dtype,
-                                              peft=peft, quant=quant))  # the config held: its id stays unique
-    key = _KEYS[memo][1]
+                 peft: dict[str, Any] | None, quant: dict[str, Any] | None, kernels: Kernels, name: str,
+                 key: str = "") -> ActivationProfile:
+    """The profile of one job, traced on first use (planner.trace.profile) and cached. ``key``:
+    profile_key of the same inputs, where the caller has it memoized (it hashes the whole config)."""
+    key = key or profile_key(hf_config, seq_len=seq_len, attention=attention, dtype=dtype, peft=peft, quant=quant)
     if (key, kernels) not in _PARSED:
         def trace() -> dict[str, Any]:
             from planner.trace.profile import profile_activations

@@ -133,12 +133,20 @@ def stage_params(m: ModelSpec, *, tp: int, pp: int, ep: int, stage: int) -> Stag
     return m.layout.memo(("stage", m.implementation, tp, pp, ep, stage), compute)
 
 
-def stage_tensor_sizes(m: ModelSpec, *, tp: int, pp: int, stage: int, expert: bool, ep: int = 1) -> tuple[int, ...]:
-    """Per-rank sizes of the stage's dense (or expert) tensors in model order, as DeepSpeed flattens
-    them; a rank holds 1/ep of each expert tensor's experts."""
+def experts_apart(m: ModelSpec, ep: int) -> bool:
+    """Whether expert parameters keep states of their own: under expert parallelism, and in
+    Megatron-LM (its expert gradient buffers). DeepSpeed sees a Hugging Face model's experts as
+    plain parameters (its MoE groups exist only for deepspeed.moe layers: ``is_moe_param``), so
+    without ep they shard, bucket and reduce with the rest, in model order."""
+    return ep > 1 or _megatron(m)
+
+
+def stage_tensor_sizes(m: ModelSpec, *, tp: int, pp: int, stage: int, expert: bool | None, ep: int = 1) -> tuple[int, ...]:
+    """Per-rank sizes of the stage's dense (``expert=False``), expert (True) or all (None) tensors
+    in model order, as DeepSpeed flattens them; a rank holds 1/ep of each expert tensor's experts."""
 
     def compute() -> tuple[int, ...]:
-        sizes = [numel_per_rank(t, m, tp) for t in _stage_tensors(m, pp, stage) if t.expert == expert]
-        return tuple(s // ep for s in sizes) if expert else tuple(sizes)
+        return tuple(numel_per_rank(t, m, tp) // (ep if t.expert else 1) for t in _stage_tensors(m, pp, stage)
+                     if expert is None or t.expert == expert)
 
     return m.layout.memo(("sizes", m.implementation, tp, pp, stage, expert, ep), compute)

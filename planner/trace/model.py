@@ -49,6 +49,20 @@ def _build_model(cfg: Any, attn_implementation: str, dtype: "torch.dtype") -> An
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
 
 
+def _build_for_attention(cfg: Any, attention: str, dtype: "torch.dtype") -> tuple[Any, str]:
+    """The model with the CPU attention implementation for ``attention`` ("flash": SDPA), and that
+    implementation's name. A class without SDPA support in transformers (gemma2 soft-capping,
+    bloom/alibi, mpt, ...) runs eager attention; its GPU pass still uses the flash kernel when the
+    model uses the AttentionInterface (gemma2), else eager with CUDA semantics (bloom)."""
+    impl = "sdpa" if attention == "flash" else "eager"
+    try:
+        return _build_model(cfg, impl, dtype), impl
+    except ValueError:
+        if impl != "sdpa":
+            raise
+        return _build_model(cfg, "eager", dtype), "eager"
+
+
 def count_parameters(hf_config: dict[str, Any]) -> int:
     """Unique parameters of the causal LM built from ``hf_config`` (tied weights counted once).
 

@@ -60,7 +60,7 @@ from planner.trace.gpu_kernels import _ACTIVE, _GPU_FLASH_IMPL, _register_gpu_fl
 from planner.trace.live import _make_live_tracker
 from planner.trace.model import (
     _LOCK,
-    _build_model,
+    _build_for_attention,
     _default_dtype,
     _layer_prefix,
     _make_config,
@@ -207,23 +207,13 @@ def trace_activations(
     method = spec["method"]
     cfg = _make_config(hf_config, num_layers_override)
     num_layers = int(cfg.num_hidden_layers)
-    cpu_impl = "sdpa" if attention == "flash" else "eager"
     if attention == "flash":
         _register_gpu_flash()
 
     from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
     with _LOCK, _default_dtype(tdtype), _assume_unpacked(), FakeTensorMode():
-        try:
-            model = _build_model(cfg, cpu_impl, tdtype)
-        except ValueError:
-            if cpu_impl != "sdpa":
-                raise
-            # No SDPA support in transformers (gemma2 soft-capping, bloom/alibi, ...): the CPU pass
-            # runs eager attention; the GPU pass still uses the flash kernel when the model uses the
-            # AttentionInterface (gemma2), else eager with CUDA semantics (bloom).
-            cpu_impl = "eager"
-            model = _build_model(cfg, cpu_impl, tdtype)
+        model, cpu_impl = _build_for_attention(cfg, attention, tdtype)
         hf_model = model
         model = _apply_peft(hf_model, spec)
         if method == "mezo":

@@ -37,7 +37,7 @@ from planner.errors import error_detail
 from planner.trace.finetuning import _apply_peft, _normalize_peft, _prompt_tokens_on_host, _trainable_dtype
 from planner.trace.gpu_kernels import _ACTIVE, _GPU_FLASH_IMPL, _register_gpu_flash
 from planner.trace.layout import _layer_kind, _num_experts, _experts_per_token
-from planner.trace.model import _LOCK, _build_model, _default_dtype, _layer_prefix, _make_config, _torch_dtype
+from planner.trace.model import _LOCK, _build_for_attention, _default_dtype, _layer_prefix, _make_config, _torch_dtype
 from planner.trace.passes import _assume_unpacked
 from planner.trace.recorder import _make_function_mode, _module_scopes, _Recorder
 
@@ -428,14 +428,7 @@ def _prepare(hf_config: dict[str, Any], n_layers: int, attention: str, tdtype: A
              quant: dict[str, Any] | None, recompute: bool) -> tuple[Any, Any, str, list[Any], str]:
     """(model to run, transformers model, layer prefix, layer kinds, cpu attention impl) under fake mode."""
     cfg = _make_config(hf_config, n_layers)
-    cpu_impl = "sdpa" if attention == "flash" else "eager"
-    try:
-        model = _build_model(cfg, cpu_impl, tdtype)
-    except ValueError:
-        if cpu_impl != "sdpa":
-            raise
-        cpu_impl = "eager"
-        model = _build_model(cfg, cpu_impl, tdtype)
+    model, cpu_impl = _build_for_attention(cfg, attention, tdtype)
     hf_model = model
     prefix = _layer_prefix(hf_model, n_layers)
     hidden = int(hf_model.get_input_embeddings().weight.shape[1])

@@ -118,6 +118,9 @@ def test_plan_fits_exits_0():
         (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "0"], "--gpus=0"),
         (["--model", "llama2-7b", "--gpu", "v100-32gb", "--precision", "bf16"], "does not support bf16"),
         (["--model", "llama2-7b", "--gpu", "h100-80gb", "--gpus", "8", "--pp", "2", "--zero", "3"], "pipeline"),
+        (["--model", "llama2-7b", "--gpu", "h100-80gb", "--paged-optimizer"], "--paged-optimizer"),
+        (["--model", "debug", "--gpu", "h100-80gb", "--tp", "2", "--zero", "2", "--offload", "optimizer+params"],
+         "needs ZeRO stage 3"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, needle):
@@ -248,3 +251,26 @@ def test_budget_recipe():
     assert report["plans"] and report["cost"]["gpu_hours"] > 0
     out = orch("plan", "--budget-gpu-hours", "-1", "--gpu", "a100-80gb", "--gpus", "8")
     assert out.returncode == 2 and "positive" in out.stderr
+
+
+def test_qlora_fp32_upcast_is_the_default_and_can_be_turned_off():
+    args = ("plan", "--model", "llama3.1-8b", "--gpu", "a100-80gb", "--gpus", "1", "--method", "qlora",
+            "--micro-batch", "1", "--recompute", "full", "--json")
+    upcast, kept16 = (json.loads(orch(*args, *extra).stdout)["plans"][0]["memory"] for extra in ((), ("--no-upcast-fp32",)))
+    # prepare_model_for_kbit_training's fp32 copies of embeddings, lm_head and norms: 2 x 525M x 2 bytes more.
+    assert upcast["parameters"] - kept16["parameters"] > 2e9
+    assert upcast["activations"] >= kept16["activations"]
+
+
+def test_a_model_class_without_flash_attention_is_named(tmp_path):
+    """transformers' MPT runs eager attention only: the plan says so rather than claim flash."""
+    cfg = {"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 320, "max_seq_len": 512,
+           "attn_config": {"attn_pdrop": 0}, "resid_pdrop": 0, "emb_pdrop": 0}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    out = orch("plan", "--model", str(path), "--gpu", "a100-80gb", "--gpus", "1", "--seq-len", "256", "--json")
+    assert out.returncode == 0, out.stderr
+    notes = " ".join(json.loads(out.stdout)["notes"])
+    assert "MptForCausalLM (CUDA eager attention)" in notes and "has no flash or SDPA attention" in notes
+    llama = orch("plan", "--model", "debug", "--gpu", "a100-80gb", "--gpus", "1", "--json")
+    assert "flash attention" in " ".join(json.loads(llama.stdout)["notes"])

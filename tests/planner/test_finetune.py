@@ -100,3 +100,26 @@ def test_lora_gpt3_175b_350gb_against_1_2tb():
     full_states = full.memory.parameters + full.memory.gradients + full.memory.optimizer
     assert lora_states == pytest.approx(350e9, rel=0.10)
     assert full_states >= 1.2e12
+
+
+def test_zero3_gathers_and_offloads_the_frozen_base():
+    """ZeRO-3 partitions every parameter, frozen or not (zero/partition_parameters.py): a rank keeps
+    its 1/dp share of the base plus the gathered working set (max_reuse_distance / 2 + the prefetch
+    bucket, in elements, as for full training); offload_param moves the share to host memory."""
+    from planner.finetune.states import finetune_states
+    from planner.memory.evaluate import buffers_for
+
+    model, training = preset("llama3.1-70b"), TrainingSpec(seq_len=2048)
+    lora = FinetuneSpec(method="lora", lora_targets=("all-linear",))
+
+    def states(**plan):
+        p = ParallelPlan(dp=8, micro_batch=1, recompute="full", **plan)
+        return finetune_states(model, lora, training, p, 0, buffers_for(model, p))
+
+    z0, z3, off = states(zero_stage=0), states(zero_stage=3), states(zero_stage=3, offload="optimizer+params")
+    buffers = buffers_for(model, ParallelPlan(dp=8, zero_stage=3))
+    gathered = 2 * (buffers.stage3_max_reuse_distance // 2 + buffers.stage3_prefetch_bucket_size)  # bf16 elements
+    adapters = z0.parameters - 2 * 70_553_706_496
+    assert z3.parameters == pytest.approx(2 * 70_553_706_496 / 8 + gathered + adapters / 8, rel=1e-3)
+    assert off.parameters == pytest.approx(gathered + adapters / 8, rel=1e-3)
+    assert off.host - z3.host == pytest.approx(2 * 70_553_706_496 / 8 + z3.optimizer, rel=1e-3)  # and the adapters' states
