@@ -2,7 +2,8 @@
 targets: time to the first step <= 1.3x, steady step time <= 1.05x).
 
 Both run launch.trainer.train on the same JobSpec (the debug model, the plan orch chooses for
-cpu-2: dp2, ZeRO-2) with 2 CPU ranks on gloo:
+cpu-2: dp2, ZeRO-2; ``--method lora``: its LoRA fine-tune, issue 14's target of a steady step time
+<= 1.05x) with 2 CPU ranks on gloo:
 - orch:      `orch launch ...` (plans, starts an embedded Ray cluster, Ray Train workers);
 - deepspeed: `deepspeed --num_gpus 2 bench/support/ds_launch_script.py` (DeepSpeed's launcher, no Ray).
 Time to first step: from starting the command to rank 0's first step record on disk (polled every
@@ -31,20 +32,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STEPS, SEQ, REPEATS = 30, 128, 3
-FLAGS = ["--model", "debug", "--cluster", "cpu-2", "--zero", "2", "--seq-len", str(SEQ), "--steps", str(STEPS), "--lr", "1e-3"]
+METHOD = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else "full"
+FLAGS = ["--model", "debug", "--cluster", "cpu-2", "--zero", "2", "--seq-len", str(SEQ), "--steps", str(STEPS), "--lr", "1e-3",
+         "--method", METHOD]
 
 
 def job_file(tmp: Path) -> Path:
     """The JobSpec orch would run, written for the DeepSpeed-launched script."""
     from orchestrator.inputs import load_model, resolve_cluster
     from orchestrator.launch_plan import LaunchOptions, build_job, choose_plan
+    from planner.finetune.methods import FinetuneSpec
     from planner.search.pinned import Pinned
     from planner.specs.training import TrainingSpec
 
     model, cluster = load_model("debug"), resolve_cluster("cpu-2", None, None, None)
     training = TrainingSpec(seq_len=SEQ, global_batch=0, precision="bf16")
-    plan = choose_plan(model, cluster, training, Pinned(zero_stage=2))
-    job, _ = build_job(model, training, plan, LaunchOptions(steps=STEPS, lr=1e-3, name="ds", checkpoint_dir=tmp))
+    finetune = FinetuneSpec(method=METHOD)
+    plan = choose_plan(model, cluster, training, Pinned(zero_stage=2), finetune)
+    job, _ = build_job(model, training, plan, LaunchOptions(steps=STEPS, lr=1e-3, name="ds", checkpoint_dir=tmp),
+                       finetune=finetune)
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     path = tmp / "job.json"
     path.write_text(job.model_dump_json())
@@ -120,7 +126,7 @@ def main() -> None:
         return first, steady, statistics.median(r[2] for r in runs), statistics.median(r[3] for r in runs)
 
     d_cold, d_warm = summary(ds[:REPEATS]), summary(ds[REPEATS:])
-    print(f"debug model, dp2 ZeRO-2, seq {SEQ}, {STEPS} steps, 2 CPU ranks (gloo), median of {REPEATS} runs each")
+    print(f"debug model, --method {METHOD}, dp2 ZeRO-2, seq {SEQ}, {STEPS} steps, 2 CPU ranks (gloo), median of {REPEATS} runs each")
     print("orch cold: an embedded Ray cluster started for the job; orch warm: --address of a running one")
     print(f"{'':24s}{'deepspeed':>11s}{'orch cold':>11s}{'ratio':>7s}{'deepspeed':>11s}{'orch warm':>11s}{'ratio':>7s}{'target':>8s}")
     rows = (("to the training fn (s)", 3, ""), ("time to first step (s)", 0, "<= 1.30"),

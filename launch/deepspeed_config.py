@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from planner.finetune.methods import FinetuneSpec
 from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.memory.zero_buffers import ZeroBuffers
 
@@ -57,25 +58,38 @@ def deepspeed_config(
     buffers: ZeroBuffers | None = None,
     lr: float = 3e-4,
     gradient_clipping: float = 1.0,
+    finetune: FinetuneSpec | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config of a plan. ``train_batch_size`` counts data-parallel ranks only
-    (DeepSpeed divides the world by tensor and pipeline degrees through its mpu/topology)."""
+    (DeepSpeed divides the world by tensor and pipeline degrees through its mpu/topology).
+
+    A parameter-efficient method trains with DeepSpeed's mixed precision off: the model carries
+    its own dtypes, as peft builds it (a 16-bit or 4-bit frozen base, fp32 adapters by
+    ``autocast_adapter_dtype``, QLoRA's fp32 upcast), which DeepSpeed's bf16/fp16 mode would cast
+    down wholesale (deepspeed/runtime/engine.py ``_configure_distributed_model``). The trainable
+    parameters then step in their own dtype with no fp32 master copy, as the planner counts them
+    (planner.finetune.states)."""
     buffers = buffers or ZeroBuffers()
+    peft = finetune is not None and finetune.method != "full"
     cfg: dict[str, Any] = {
         "train_batch_size": plan.micro_batch * plan.grad_accum * plan.dp,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": gradient_clipping,
-        "bf16": {"enabled": training.precision in ("bf16", "fp8")},
-        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": training.precision in ("bf16", "fp8") and not peft},
+        "fp16": {"enabled": training.precision == "fp16" and not peft, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": _zero_section(plan, buffers),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if training.optimizer in _DS_OPTIMIZER:
+    paged = finetune is not None and finetune.paged_optimizer
+    if training.optimizer in _DS_OPTIMIZER and not paged:
         name, params = _DS_OPTIMIZER[training.optimizer]
         cfg["optimizer"] = {"type": name, "params": {"lr": lr, **params}}
-    # adamw-8bit (bitsandbytes) is passed by the training loop as a client optimizer, not by name.
+    else:
+        # adamw-8bit and paged optimizers (bitsandbytes) are passed by the training loop as client
+        # optimizers (launch/trainer.py); ZeRO accepts one it has not tested only when told to.
+        cfg["zero_allow_untested_optimizer"] = True
     if plan.offload != "none":
         cfg["zero_force_ds_cpu_optimizer"] = True
     if plan.tp > 1:

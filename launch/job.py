@@ -34,6 +34,11 @@ class JobSpec(BaseModel):
     dataset: str | None = Field(default=None, description="Local .txt/.jsonl file to train on; None = synthetic tokens.")
     tokenizer: str | None = Field(default=None, description="Local tokenizer directory for the dataset; None = UTF-8 bytes.")
     pretrained_dir: str | None = Field(default=None, description="Local directory of weights (save_pretrained) to start from; None = random init.")
+    pack: bool = Field(default=False, description="Instruction datasets: pack examples into each sequence (False: pad each to seq_len).")
+    finetune: dict[str, Any] | None = Field(default=None, description="Fine-tuning method as launch/models.py builds it: method, dtype, peft options, 4-bit base, adapter size; None = full training.")
+    client_optimizer: str | None = Field(default=None, description="bitsandbytes optimizer passed to DeepSpeed as a client optimizer (adamw-8bit, paged-adamw[-8bit]); None = the config's.")
+    worker_log: str | None = Field(default=None, description="File every worker appends its stdout and stderr to (the run's log); None = the process's own (Ray prints it on the driver).")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (also in ds_config's optimizer when DeepSpeed builds it).")
     fail_at_step: int = Field(default=0, ge=0, description="Test hook: rank 0 dies once after this step; 0 = never.")
     # Monitoring (launch/metrics.py): where each node serves its metrics, and the plan to measure against.
     metrics_host: str = Field(default="127.0.0.1", description="Address each node's metrics endpoint binds to; 0.0.0.0 = every interface.")

@@ -20,7 +20,7 @@ DeepSpeed objects that own them:
   (reduce buckets, gradient partitions, the fp32 gradient copies of the step);
 - other: the rest -- the input batch, the module's buffers, gradients of activations in flight
   during the backward, loss scalars -- which the planner has no component for (counted in the peak).
-  With full recompute (``job["recompute"] == "full"``: transformers' per-layer gradient
+  With full recompute (the plan's ``recompute == "full"``: transformers' per-layer gradient
   checkpointing, non-reentrant) the checkpointed layers' inputs are held by torch.utils.checkpoint,
   not saved through autograd's hooks, so they count here too, and the layer rebuilt in the
   backward is seen in the true peak only.
@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from launch import trainer
+from launch.job import JobSpec
 from launch.synthetic import batch
 
 # ZeRO methods entered with the gradients of a bucket (or, stage 1, all of them) still alive.
@@ -271,7 +272,8 @@ def _live_storages(extra: list[Any]) -> dict[int, int]:
 
 
 def _engine(job: dict[str, Any], cuda: bool) -> Any:
-    """torch.distributed from the environment, then the plan's model in a DeepSpeed engine."""
+    """torch.distributed from the environment, then the plan's model in a DeepSpeed engine, set up
+    exactly as a launched worker sets it up (launch.trainer.setup_engine: model, method, optimizer)."""
     import torch
     import torch.distributed as dist
 
@@ -279,12 +281,8 @@ def _engine(job: dict[str, Any], cuda: bool) -> Any:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     trainer.init_distributed()
-    torch.manual_seed(job["seed"])
-    model = trainer.build_model(job["hf_config"])
-    if job.get("recompute", "none") == "full":
-        # Per-layer checkpointing, as the planner's full recompute counts it (layer inputs kept).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return trainer.initialize(model, job["ds_config"], tp=job.get("tp", 1))
+    engine, _ = trainer.setup_engine(JobSpec(**job["spec"]))
+    return engine
 
 
 def _train_step(engine: Any, meter: Meter, x: Any) -> None:
@@ -338,7 +336,7 @@ def _measure(job: dict[str, Any], cuda: bool, records: list[dict[str, Any]]) -> 
         if hasattr(engine.optimizer, name):
             meter.wrap(engine.optimizer, name, "backward", on_exit=True)
     meter.wrap(meter.inner, "step", "step")
-    mb, seq, vocab = job["micro_batch"], job["seq_len"], int(job["hf_config"]["vocab_size"])
+    mb, seq, vocab = job["micro_batch"], job["seq_len"], int(job["vocab_size"])
     for step in range(job["steps"]):
         meter.step = step
         dp_rank = dist.get_rank() // job.get("tp", 1)  # AutoTP groups are consecutive ranks; they share a batch

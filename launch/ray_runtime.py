@@ -8,7 +8,6 @@ TorchTrainer (the default Train API in Ray 2.60; ``RAY_TRAIN_V2_ENABLED`` defaul
 from __future__ import annotations
 
 import os
-import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,11 @@ def _set_embedded_train_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def connect(address: str | None, workers: Workers) -> None:
+def connect(address: str | None, workers: Workers, log_to_driver: bool = True) -> None:
     """Start an embedded cluster (no address) or join ``address``, then check
-    that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts."""
+    that it has the CPUs/GPUs the workers need; raise PlanInputError before any worker starts.
+    ``log_to_driver``: the workers' and Ray Train controller's output is printed by this driver
+    (False: it stays in Ray's session logs; orch's workers write theirs to the run's log file)."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # While ray.init waits for the cluster's processes, this driver's own imports for run()
     # (ray.train.torch and torch: ~1.5 s of a core here) proceed in a helper thread.
@@ -64,12 +65,12 @@ def connect(address: str | None, workers: Workers) -> None:
         # No dashboard (its head modules are a dozen Python processes that start on the same
         # cores as the job; nothing of orch's uses it), and no prestarted
         # idle workers: every actor Ray Train starts carries a runtime_env, so none would use them.
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True,
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=log_to_driver,
                  include_dashboard=False, configure_logging=True, logging_level="WARNING",
                  _system_config={"prestart_worker_first_driver": False})
     else:
         try:
-            ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+            ray.init(address=address, log_to_driver=log_to_driver, logging_level="WARNING")
         except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: one line
             detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
             raise PlanInputError(f"cannot join the Ray cluster at {address} ({detail})",
@@ -150,20 +151,17 @@ def run(job: JobSpec, workers: Workers, storage_path: str, max_failures: int, em
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    # fit() runs in a helper thread so that Ctrl-C reaches this (main) thread as KeyboardInterrupt;
-    # the caller then shuts Ray down, which ends the controller and every worker the driver owns.
-    # SIGTERM (a `kill`, a scheduler's stop) is handled like Ctrl-C.
+    # fit() runs in a helper thread so that Ctrl-C reaches this (main) thread as KeyboardInterrupt
+    # (the caller turns SIGTERM into one too: orchestrator/launching.py); the caller then shuts
+    # Ray down, which ends the controller and every worker the driver owns.
     outcome: list[Outcome] = []
     thread = threading.Thread(target=lambda: outcome.append(_fit(trainer)), name="orch-fit", daemon=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.5)
     except KeyboardInterrupt:
         return Outcome("stopped", "interrupted (Ctrl-C or SIGTERM)")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return outcome[0] if outcome else Outcome("failed", "the Ray Train driver thread ended without a result")
 
 
@@ -205,10 +203,6 @@ def _trainer_class(embedded: bool):  # type: ignore[no-untyped-def]
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return OrchTorchTrainer
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _fit(trainer) -> Outcome:  # type: ignore[no-untyped-def]

@@ -26,26 +26,34 @@ from launch.job import JobSpec
 
 
 def batch_source(job: JobSpec):  # type: ignore[no-untyped-def]
-    """``fn(index, dp_rank, micro_batch) -> (micro_batch, seq_len) token ids``: windows of the
-    job's dataset, or synthetic tokens; deterministic in (seed, index, dp_rank)."""
+    """``fn(index, dp_rank, micro_batch) -> (input_ids, labels)``, each [micro_batch, seq_len]:
+    windows of a text dataset or synthetic tokens (labels = the tokens), or padded / packed
+    instruction examples (labels -100 outside the completions); deterministic in (seed, index, dp_rank)."""
     if job.dataset is None:
         vocab = int(job.hf_config["vocab_size"])
-        return lambda i, r, mb: synthetic.batch(i, r, mb, job.seq_len, vocab, seed=job.seed)
-    tokens = data.load_tokens(job.dataset, job.tokenizer)
-    return lambda i, r, mb: data.window_batch(tokens, i, r, mb, job.seq_len, seed=job.seed)
+        return _same_labels(lambda i, r, mb: synthetic.batch(i, r, mb, job.seq_len, vocab, seed=job.seed))
+    if data.record_kind(job.dataset) == "text":
+        tokens = data.load_tokens(job.dataset, job.tokenizer)
+        return _same_labels(lambda i, r, mb: data.window_batch(tokens, i, r, mb, job.seq_len, seed=job.seed))
+    sequences = data.load_sequences(job.dataset, job.tokenizer, job.seq_len, job.pack)
+    return lambda i, r, mb: data.sequence_batch(sequences, i, r, mb, seed=job.seed)
 
 
-def build_model(hf_config: dict[str, Any], pretrained_dir: str | None = None):  # type: ignore[no-untyped-def]
-    """A causal LM in fp32, randomly initialised or loaded from a local save_pretrained directory;
-    DeepSpeed casts it to bf16/fp16 per its config."""
-    import torch
-    import transformers
+def _same_labels(fn):  # type: ignore[no-untyped-def]
+    def batch(i: int, r: int, mb: int):  # type: ignore[no-untyped-def]
+        x = fn(i, r, mb)
+        return x, x
 
-    if pretrained_dir is not None:
-        return transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=torch.float32, local_files_only=True)
-    cfg = {k: v for k, v in hf_config.items() if k not in ("dtype", "torch_dtype", "architectures")}
-    config = transformers.AutoConfig.for_model(**cfg)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return batch
+
+
+def build_model(hf_config: dict[str, Any], pretrained_dir: str | None = None, finetune: dict[str, Any] | None = None,
+                recompute: str = "none"):  # type: ignore[no-untyped-def]
+    """The job's causal LM (launch/models.py): fp32 for full training (DeepSpeed casts it per its
+    config), the fine-tuning method's model otherwise."""
+    from launch import models
+
+    return models.build(hf_config, pretrained_dir, finetune, recompute)
 
 
 def init_distributed() -> None:
@@ -75,15 +83,31 @@ def _unlink_shm_buffers() -> None:
     name.unlink(missing_ok=True)
 
 
-def initialize(model, ds_config: dict[str, Any], tp: int = 1):  # type: ignore[no-untyped-def]
-    """``deepspeed.initialize`` with the plan's config; the engine. With ``tp > 1`` DeepSpeed's
-    AutoTP shards the model's linear layers over groups of ``tp`` consecutive ranks at
-    initialisation (``tensor_parallel.autotp_size`` in the config)."""
+def initialize(model, ds_config: dict[str, Any], tp: int = 1, optimizer: str | None = None, lr: float = 3e-4):  # type: ignore[no-untyped-def]
+    """``deepspeed.initialize`` with the plan's config over the parameters that train (a frozen
+    fine-tuning base gets no gradients and no optimizer states); the engine. With ``tp > 1``
+    DeepSpeed's AutoTP shards the model's linear layers over groups of ``tp`` consecutive ranks at
+    initialisation (``tensor_parallel.autotp_size`` in the config). ``optimizer``: a bitsandbytes
+    optimizer DeepSpeed has no name for, passed as a client optimizer."""
     import deepspeed
 
+    params = [p for p in model.parameters() if p.requires_grad]
     mpu = _tensor_parallel_groups(tp) if tp > 1 else None
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config, mpu=mpu)
+    client = _client_optimizer(optimizer, params, lr) if "optimizer" not in ds_config else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config, mpu=mpu, optimizer=client)
     return engine
+
+
+def _client_optimizer(name: str | None, params: list[Any], lr: float):  # type: ignore[no-untyped-def]
+    """bitsandbytes' 8-bit AdamW (Dettmers et al. 2022) or paged AdamW (Dettmers et al. 2023), by
+    orch's optimizer name (adamw-8bit; ``paged-adamw``, ``paged-adamw-8bit`` with --paged-optimizer)."""
+    import bitsandbytes as bnb
+
+    classes = {"adamw-8bit": bnb.optim.AdamW8bit, "paged-adamw": bnb.optim.PagedAdamW,
+               "paged-adamw-8bit": bnb.optim.PagedAdamW8bit}
+    if name not in classes:
+        raise ValueError(f"no DeepSpeed optimizer in the config and no client optimizer named {name!r}")
+    return classes[name](params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def _tensor_parallel_groups(tp: int):  # type: ignore[no-untyped-def]
@@ -134,25 +158,50 @@ def initialize_pipeline(model, stages: int, ds_config: dict[str, Any]):  # type:
     return engine
 
 
-def _resume(engine, ctx: WorkerContext) -> int:  # type: ignore[no-untyped-def]
-    """Load the latest checkpoint into the engine; the step to continue from (0 on a fresh start)."""
+def _resume(engine, ctx: WorkerContext, frozen_excluded: bool) -> int:  # type: ignore[no-untyped-def]
+    """Load the latest checkpoint into the engine; the step to continue from (0 on a fresh start).
+    A fine-tuning checkpoint holds the trainable parameters only: the frozen base comes from the
+    model as built, so the module's state is loaded non-strictly."""
     with ctx.latest_checkpoint() as path:
         if path is None:
             return 0
-        _, client_state = engine.load_checkpoint(path)
+        _, client_state = engine.load_checkpoint(path, load_module_strict=not frozen_excluded)
     return int((client_state or {}).get("step", 0))
 
 
-def _report(engine, ctx: WorkerContext, metrics: dict[str, Any], save: bool) -> None:  # type: ignore[no-untyped-def]
+def _report(engine, ctx: WorkerContext, metrics: dict[str, Any], save: bool, method: str) -> None:  # type: ignore[no-untyped-def]
     """Every rank reports each step; at checkpoint steps each rank first saves its DeepSpeed
-    shards into a local directory, which the context persists into the job's storage."""
+    shards into a local directory, which the context persists into the job's storage. A
+    fine-tuning checkpoint leaves the frozen base out (``exclude_frozen_parameters``: the trainable
+    parameters and their optimizer states only) and carries the trained weights in the form a user
+    loads (launch/models.py ``save_trained``), written by rank 0."""
     if not save:
         ctx.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as tmp:
         started = time.perf_counter()
-        engine.save_checkpoint(tmp, tag=f"step{metrics['step']}", client_state={"step": metrics["step"]})
+        engine.save_checkpoint(tmp, tag=f"step{metrics['step']}", client_state={"step": metrics["step"]},
+                               exclude_frozen_parameters=method != "full")
+        if method != "full":
+            _save_trained(engine, tmp, method, ctx.rank)
         ctx.report({**metrics, "checkpoint_time_s": time.perf_counter() - started}, tmp)
+
+
+def _save_trained(engine, directory: str, method: str, rank: int) -> None:  # type: ignore[no-untyped-def]
+    """Rank 0 writes the trained weights; under ZeRO-3 every rank first gathers them
+    (deepspeed.zero.GatheredParameters is collective)."""
+    import contextlib
+
+    import deepspeed
+
+    from launch import models
+
+    model = engine.module
+    gather = (deepspeed.zero.GatheredParameters(models.trainable(model), modifier_rank=None)
+              if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            models.save_trained(model, directory, method)
 
 
 def _grad_norm(engine) -> float | None:  # type: ignore[no-untyped-def]
@@ -171,18 +220,18 @@ def _data_parallel_rank(engine) -> int:  # type: ignore[no-untyped-def]
 
 
 def _train_step(engine, micro_batches) -> float:  # type: ignore[no-untyped-def]
-    """One optimizer step of the plain (data- and tensor-parallel) engine; the loss averaged over
-    the micro-batches and the data-parallel group. ``engine.step()`` after each micro-batch
-    steps the optimizer at the accumulation boundary only."""
+    """One optimizer step of the plain (data- and tensor-parallel) engine over (input_ids, labels)
+    micro-batches; the loss averaged over the micro-batches and the data-parallel group.
+    ``engine.step()`` after each micro-batch steps the optimizer at the accumulation boundary only."""
     import torch
     import torch.distributed as dist
 
     total = torch.zeros(())
-    for x in micro_batches:
-        loss = engine(input_ids=x, labels=x).loss
+    for x, labels in micro_batches:
+        loss = engine(input_ids=x.to(engine.device), labels=labels.to(engine.device)).loss
         engine.backward(loss)
         engine.step()
-        total += loss.detach().float()
+        total += loss.detach().float().cpu()
     mean = total / len(micro_batches)
     dist.all_reduce(mean, group=engine.data_parallel_group)
     return float(mean) / engine.dp_world_size
@@ -193,34 +242,30 @@ def _pipeline_step(engine, micro_batches) -> float:  # type: ignore[no-untyped-d
     the last (other stages ignore the iterator) and returns the loss averaged over the
     micro-batches and the data-parallel group, on every stage (deepspeed/runtime/pipe/engine.py
     ``train_batch``, ``_aggregate_total_loss``)."""
-    return float(engine.train_batch(iter([(x, x) for x in micro_batches])))
+    return float(engine.train_batch(iter(micro_batches)))
 
 
-def _engine(model, plan: dict[str, Any], ds_config: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """The engine of the plan's dimensions and its step function."""
+def setup_engine(job: JobSpec):  # type: ignore[no-untyped-def]
+    """The job's model in the engine of its plan, and the step function: what every launched
+    worker (launch/worker.py) and every ``orch profile`` rank (launch/profile_worker.py) trains."""
+    import torch
+
+    plan, ft = job.plan, job.finetune
+    torch.manual_seed(job.seed)
+    model = build_model(job.hf_config, job.pretrained_dir, ft, "none" if int(plan.get("pp", 1)) > 1 else plan.get("recompute", "none"))
     if int(plan.get("pp", 1)) > 1:
-        return initialize_pipeline(model, int(plan["pp"]), ds_config), _pipeline_step
-    if plan.get("recompute", "none") != "none":
-        # Full recompute: keep each decoder layer's input and recompute the layer in backward,
-        # transformers' gradient checkpointing (modeling_utils.py ``gradient_checkpointing_enable``;
-        # the non-reentrant torch.utils.checkpoint, which needs no input that requires grad).
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return initialize(model, ds_config, tp=int(plan.get("tp", 1))), _train_step
+        return initialize_pipeline(model, int(plan["pp"]), job.ds_config), _pipeline_step
+    return initialize(model, job.ds_config, tp=int(plan.get("tp", 1)), optimizer=job.client_optimizer, lr=job.lr), _train_step
 
 
 def train(plan: dict[str, Any], ds_config: dict[str, Any], ctx: WorkerContext) -> None:
     """Train ``ctx.job``'s model for ``ctx.job.steps`` optimizer steps in total (across restarts)."""
-    import torch
-
     job = ctx.job
     init_distributed()
-    torch.manual_seed(job.seed)
-    engine, step_fn = _engine(build_model(job.hf_config, job.pretrained_dir), plan, ds_config)
+    engine, step_fn = setup_engine(job)
+    method = (job.finetune or {}).get("method", "full")
     batch, data_rank = batch_source(job), _data_parallel_rank(engine)
-    start = _resume(engine, ctx)
+    start = _resume(engine, ctx, frozen_excluded=method != "full")
     mb, ga = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     tokens_per_step = ds_config["train_batch_size"] * job.seq_len
     for step in range(start + 1, job.steps + 1):
@@ -235,4 +280,4 @@ def train(plan: dict[str, Any], ds_config: dict[str, Any], ctx: WorkerContext) -
             "grad_norm": _grad_norm(engine),
         }
         save = job.checkpoint_every > 0 and (step % job.checkpoint_every == 0 or step == job.steps)
-        _report(engine, ctx, metrics, save)
+        _report(engine, ctx, metrics, save, method)

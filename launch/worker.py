@@ -36,6 +36,19 @@ def _count_attempt(run_dir: Path) -> int:
     return len(marker.read_text().splitlines()) - 1
 
 
+def _output_to(path: str) -> None:
+    """This worker's stdout and stderr (file descriptors 1 and 2: Python, DeepSpeed's op builder,
+    C++ libraries) appended to ``path``."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
 def _quiet() -> None:
     """No INFO line per report from Ray Train's worker context (a module logger named by its
     file), and no torch deprecation warning per collective."""
@@ -104,6 +117,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if dist.get_backend() == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     job = JobSpec(**config)
+    if job.worker_log:
+        _output_to(job.worker_log)
     _quiet()
     rc = ray.train.get_context()
     rank = rc.get_world_rank()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from importlib.util import find_spec
 from pathlib import Path
 from typing import List, Optional
 
@@ -52,70 +52,86 @@ def _check_zero(zero: Optional[int]) -> None:
         raise PlanInputError(f"--zero {zero} is not a ZeRO stage", "use --zero 0, 1, 2 or 3")
 
 
-def _job_inputs(command: str, model: Optional[str], cluster: Optional[str], zero: Optional[int], seq_len: int,
-                global_batch: Optional[int], precision: F.PrecisionChoice, calibration: Optional[Path] = None,
-                **training_fields: object):  # type: ignore[no-untyped-def]
-    """Model, cluster (calibrated when a calibration is given) and training spec of a command that
-    runs a job on a named cluster."""
-    if model is None or cluster is None:
-        raise PlanInputError(f"orch {command} needs --model and --cluster", "pass e.g. --model debug --cluster cpu-2")
-    _check_zero(zero)
-    training = _build(TrainingSpec, "training flags", seq_len=seq_len, global_batch=global_batch or 0,
-                      precision=precision.value, **training_fields)
-    return load_model(model), with_calibration(resolve_cluster(cluster, None, None, None), calibration), training
+def _cluster(job: F.JobFlags):  # type: ignore[no-untyped-def]
+    """--cluster, or the inline --gpu/--gpus/--gpus-per-node cluster; calibrated with --calibration."""
+    return with_calibration(resolve_cluster(job.cluster, job.gpu, job.gpus, job.gpus_per_node), job.calibration)
 
 
-class BackendChoice(str, Enum):
-    deepspeed = "deepspeed"
-    megatron = "megatron"
+def _training(job: F.JobFlags) -> TrainingSpec:
+    return _build(TrainingSpec, "training flags", seq_len=job.seq_len, global_batch=job.global_batch or 0,
+                  precision=job.precision.value, optimizer=job.optimizer.value, attention=job.attention.value)
+
+
+def _pinned(job: F.JobFlags) -> Pinned:
+    _check_zero(job.zero)
+    return _build(
+        Pinned, "plan flags",
+        dp=job.dp, tp=job.tp, pp=job.pp, cp=job.cp, ep=job.ep, sp=job.sp, interleave=job.interleave, zero_stage=job.zero,
+        offload=job.offload.value if job.offload else None, micro_batch=job.micro_batch,
+        recompute=job.recompute.value if job.recompute else None,
+    )
+
+
+def _ft_fields(job: F.JobFlags) -> dict[str, object]:
+    return dict(
+        lora_rank=job.lora_rank, lora_alpha=job.lora_alpha, lora_targets=job.lora_targets or (), lora_dropout=job.lora_dropout,
+        quant=job.quant, double_quant=job.double_quant, quant_block_size=job.quant_block_size, upcast_fp32=job.upcast_fp32,
+        paged_optimizer=job.paged_optimizer, adapter_dtype=job.adapter_dtype, adapter_size=job.adapter_size,
+        prefix_length=job.prefix_length, num_virtual_tokens=job.num_virtual_tokens, ia3_targets=job.ia3_targets or (),
+    )
+
+
+def _finetune(job: F.JobFlags) -> FinetuneSpec:
+    return _build(FinetuneSpec, "fine-tuning flags", method=job.method.value, **_ft_fields(job))
+
+
+def _runs_what_it_plans(job: F.JobFlags, command: str) -> None:
+    """Refuse, in one line, the flag values a command that runs the job cannot honour (plan takes all)."""
+    if job.backend is F.BackendChoice.megatron:
+        raise PlanInputError(f"--backend megatron: orch {command} runs transformers models under DeepSpeed",
+                             "drop --backend (megatron plans are for comparison with 'orch plan')")
+    if job.method is F.MethodChoice.all:
+        raise PlanInputError(f"--method all compares methods in 'orch plan'; orch {command} runs one",
+                             "pass one method, e.g. --method lora")
+    if job.method is F.MethodChoice.mezo:
+        raise PlanInputError(f"--method mezo: orch {command} trains with DeepSpeed's gradient step, and MeZO's "
+                             "zeroth-order step is planned only", "use --method lora (or plan MeZO with 'orch plan')")
+
+
+def _require_libraries(job: F.JobFlags) -> None:
+    """The fine-tuning libraries a method runs with are installed (checked before any worker starts)."""
+    need = {"qlora": ("peft", "bitsandbytes")}.get(job.method.value, ("peft",) if job.method.value in PEFT_LIBRARY_METHODS else ())
+    if job.optimizer is F.OptimizerChoice.adamw_8bit or job.paged_optimizer:
+        need = (*need, "bitsandbytes")
+    for lib in need:
+        if find_spec(lib) is None:
+            raise PlanInputError(f"--method {job.method.value}: {lib} is not installed",
+                                 f"pip install {lib} (it is one of orch's dependencies: reinstall orch)")
+
+
+PEFT_LIBRARY_METHODS = ("lora", "prefix", "prompt", "ia3")
+
+
+def _job_inputs(job: F.JobFlags, command: str):  # type: ignore[no-untyped-def]
+    """Model, cluster, training, pinned plan and fine-tuning method of a command that runs the job."""
+    _runs_what_it_plans(job, command)
+    _require_libraries(job)
+    if job.model is None:
+        raise PlanInputError(f"orch {command} needs --model", "pass e.g. --model debug --cluster cpu-2")
+    training, pinned, finetune = _training(job), _pinned(job), _finetune(job)
+    return load_model(job.model), _cluster(job), training, pinned, finetune
 
 
 @app.command()
+@F.job_flags
 def plan(
-    model: F.ModelOpt = None,
-    cluster: F.ClusterOpt = None,
-    gpu: F.GpuOpt = None,
-    gpus: F.GpusOpt = None,
-    gpus_per_node: F.GpusPerNodeOpt = None,
-    seq_len: F.SeqLenOpt = 2048,
-    micro_batch: F.MicroBatchOpt = None,
-    global_batch: F.GlobalBatchOpt = None,
-    precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
-    optimizer: F.OptimizerOpt = F.OptimizerChoice.adamw,
-    attention: F.AttentionOpt = F.AttentionChoice.flash,
-    recompute: F.RecomputeOpt = None,
-    dp: F.DpOpt = None,
-    tp: F.TpOpt = None,
-    pp: F.PpOpt = None,
-    zero: F.ZeroOpt = None,
-    offload: F.OffloadOpt = None,
-    sp: F.SpOpt = None,
-    cp: F.CpOpt = None,
-    ep: F.EpOpt = None,
-    interleave: F.InterleaveOpt = None,
+    job: F.JobFlags,
     top: int = typer.Option(5, "--top", min=1, help="Show the K best plans."),
     explain: bool = typer.Option(False, "--explain", help="Say why the winner beats the runner-up."),
-    backend: BackendChoice = typer.Option(BackendChoice.deepspeed, "--backend", help="deepspeed: what orch launches; megatron: also SP, interleaving, CP (for comparison)."),
     tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens: adds time, GPU-hours, cost and energy."),
     budget_gpu_hours: Optional[float] = typer.Option(None, "--budget-gpu-hours", help="Compute-optimal recipe for this many GPU-hours."),
     budget_flops: Optional[float] = typer.Option(None, "--budget-flops", help="Compute-optimal recipe for this many training FLOPs."),
     deepspeed_config: Optional[Path] = typer.Option(None, "--deepspeed-config", help="Write the best plan's DeepSpeed config here."),
-    method: F.MethodOpt = F.MethodChoice.full,
-    lora_rank: F.LoraRankOpt = 8,
-    lora_alpha: F.LoraAlphaOpt = 16.0,
-    lora_targets: F.LoraTargetsOpt = None,
-    lora_dropout: F.LoraDropoutOpt = 0.0,
-    quant: F.QuantOpt = "nf4",
-    double_quant: F.DoubleQuantOpt = True,
-    quant_block_size: F.QuantBlockOpt = 64,
-    upcast_fp32: F.UpcastOpt = True,
-    paged_optimizer: F.PagedOpt = False,
-    adapter_dtype: F.AdapterDtypeOpt = "fp32",
-    adapter_size: F.AdapterSizeOpt = 64,
-    prefix_length: F.PrefixOpt = 30,
-    num_virtual_tokens: F.VirtualTokensOpt = 20,
-    ia3_targets: F.Ia3TargetsOpt = None,
-    calibration: F.CalibrationOpt = None,
     trace: bool = typer.Option(False, "--trace", help="Cross-check: trace the best plan's whole pipeline stage at its own shape (slower; the default profile is measured too)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON (the stable contract)."),
 ) -> None:
@@ -123,42 +139,21 @@ def plan(
     from orchestrator.planning import run_plan
     from orchestrator.recipe import run_recipe
 
-    cluster_spec = with_calibration(resolve_cluster(cluster, gpu, gpus, gpus_per_node), calibration)
-    training = _build(
-        TrainingSpec,
-        "training flags",
-        seq_len=seq_len,
-        global_batch=global_batch or 0,
-        precision=precision.value,
-        optimizer=optimizer.value,
-        attention=attention.value,
-    )
-    _check_zero(zero)
-    pinned = _build(
-        Pinned,
-        "plan flags",
-        dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, sp=sp, interleave=interleave, zero_stage=zero,
-        offload=offload.value if offload else None, micro_batch=micro_batch,
-        recompute=recompute.value if recompute else None,
-    )
+    cluster_spec = _cluster(job)
+    training = _training(job)
+    pinned = _pinned(job)
+    backend = job.backend
     if budget_gpu_hours is not None or budget_flops is not None:
         code = run_recipe(console, cluster_spec, training, pinned, budget_gpu_hours, budget_flops, backend.value, as_json)
         raise typer.Exit(code)
-    if model is None:
+    if job.model is None:
         raise PlanInputError("no --model given", "pass --model PRESET|CONFIG.json, or --budget-gpu-hours/--budget-flops")
-    model_spec = load_model(model)
-    ft_fields = dict(
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets or (), lora_dropout=lora_dropout,
-        quant=quant, double_quant=double_quant, quant_block_size=quant_block_size, upcast_fp32=upcast_fp32,
-        paged_optimizer=paged_optimizer,
-        adapter_dtype=adapter_dtype, adapter_size=adapter_size, prefix_length=prefix_length,
-        num_virtual_tokens=num_virtual_tokens, ia3_targets=ia3_targets or (),
-    )
-    if method == F.MethodChoice.all:
+    model_spec = load_model(job.model)
+    if job.method == F.MethodChoice.all:
         from orchestrator.compare import compare_methods
 
-        raise typer.Exit(compare_methods(console, model_spec, cluster_spec, training, pinned, ft_fields, backend.value, as_json))
-    finetune = _build(FinetuneSpec, "fine-tuning flags", method=method.value, **ft_fields)
+        raise typer.Exit(compare_methods(console, model_spec, cluster_spec, training, pinned, _ft_fields(job), backend.value, as_json))
+    finetune = _finetune(job)
     result = run_plan(model_spec, cluster_spec, training, pinned, top=top, trace=trace, backend=backend.value,
                       tokens=tokens, finetune=finetune)
     if deepspeed_config is not None and result.best is not None:
@@ -211,19 +206,9 @@ def _write_deepspeed_config(path: Path, model_spec, plan_obj, training: Training
 
 
 @app.command()
+@F.job_flags
 def launch(
-    model: F.ModelOpt = None,
-    cluster: F.ClusterOpt = None,
-    seq_len: F.SeqLenOpt = 2048,
-    micro_batch: F.MicroBatchOpt = None,
-    global_batch: F.GlobalBatchOpt = None,
-    precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
-    dp: F.DpOpt = None,
-    tp: F.TpOpt = None,
-    pp: F.PpOpt = None,
-    zero: F.ZeroOpt = None,
-    offload: F.OffloadOpt = None,
-    recompute: F.RecomputeOpt = None,
+    job: F.JobFlags,
     steps: int = typer.Option(100, "--steps", min=1, help="Optimizer steps in total (a resumed run ends at the same count)."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (linear warm-up over 10% of steps, then cosine)."),
     name: Optional[str] = typer.Option(None, "--name", help="Job name (default: orch-MODEL-TIME)."),
@@ -237,30 +222,29 @@ def launch(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue job NAME from its last checkpoint (same plan, same step count; other plan flags are ignored)."),
     detach: bool = typer.Option(False, "--detach", help="Submit through the Ray Jobs API and return (no --address: a local 'ray start --head' is started or reused)."),
     entrypoint: Optional[str] = typer.Option(None, "--entrypoint", help="Run package.module:function(plan, ds_config, ctx) in every worker instead of the built-in trainer."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Local .txt or .jsonl ('text' field) to train on, instead of synthetic tokens."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Local .txt, or .jsonl of {'text'}, {'prompt','completion'} or chat {'messages'} records (default: synthetic tokens)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local Hugging Face tokenizer directory for --dataset (default: the model directory's, else bytes)."),
+    pack: bool = typer.Option(False, "--pack/--pad", help="Prompt/completion and chat records: pack several into each --seq-len sequence, or pad each to it (default)."),
     preflight: bool = typer.Option(False, "--preflight", help="Profile the plan on this machine first; while its measured peak exceeds the device, move to the next ranked plan."),
-    calibration: F.CalibrationOpt = None,
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", help="Address each node's Prometheus metrics endpoint binds to (0.0.0.0: reachable from other hosts)."),
     metrics_port: int = typer.Option(0, "--metrics-port", min=0, max=65535, help="Port of each node's metrics endpoint (default 0: ephemeral, announced to 'orch monitor')."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, DeepSpeed's and the workers' own output live (default: only in the run's log file)."),
 ) -> None:
-    """Plan a model on a cluster and train it with DeepSpeed on Ray."""
+    """Plan a model on a cluster and train it with DeepSpeed on Ray: pre-training, full or
+    parameter-efficient fine-tuning (--method), from random or saved weights (--model DIR)."""
     from orchestrator.launch_plan import LaunchOptions
     from orchestrator.launching import launch as run_launch, resume as run_resume
 
     if resume is not None:
-        result = run_resume(resume, checkpoint_dir, address)
+        result = run_resume(resume, checkpoint_dir, address, verbose=verbose)
     else:
-        model_spec, cluster_spec, training = _job_inputs("launch", model, cluster, zero, seq_len, global_batch, precision,
-                                                         calibration=calibration)
-        pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
-                        offload=offload.value if offload else None, recompute=recompute.value if recompute else None)
+        model_spec, cluster_spec, training, pinned, finetune = _job_inputs(job, "launch")
         opts = LaunchOptions(steps=steps, lr=lr, name=name, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                              max_failures=max_failures, address=address, log_jsonl=log_jsonl,
                              fail_at_step=fail_at_step, entrypoint=entrypoint, detach=detach,
-                             dataset=dataset, tokenizer=tokenizer, model_source=model, preflight=preflight,
-                             metrics_host=metrics_host, metrics_port=metrics_port)
-        result = run_launch(model_spec, cluster_spec, training, pinned, opts)
+                             dataset=dataset, tokenizer=tokenizer, pack=pack, model_source=job.model, preflight=preflight,
+                             metrics_host=metrics_host, metrics_port=metrics_port, verbose=verbose)
+        result = run_launch(model_spec, cluster_spec, training, pinned, opts, finetune)
     if as_json:
         print(json.dumps(result), flush=True)
     elif result["status"] == "submitted":
@@ -272,6 +256,26 @@ def launch(
 
 
 StorageOpt = typer.Option(None, "--checkpoint-dir", help="Storage path the jobs were launched with (default ~/.orch/runs).")
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., help="Job name."),
+    out: Path = typer.Option(..., "--out", help="New directory to write into."),
+    merge: bool = typer.Option(False, "--merge", help="Write the base with the trained weights merged in (AutoModelForCausalLM loads it), not the adapter."),
+    checkpoint_dir: Optional[Path] = StorageOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Write a fine-tuning job's trained adapter (PeftModel.from_pretrained loads it), or with
+    --merge the merged model, from its newest checkpoint."""
+    from orchestrator.export import export as run_export
+
+    result = run_export(name, checkpoint_dir, out, merge)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        what = "merged model" if merge else f"{result['method']} adapter"
+        console.print(f"{name}: {what} of step {result['step']} written to {out}")
 
 
 @app.command()
@@ -365,22 +369,9 @@ def monitor(
 
 
 @app.command()
+@F.job_flags
 def profile(
-    model: F.ModelOpt = None,
-    cluster: F.ClusterOpt = None,
-    seq_len: F.SeqLenOpt = 2048,
-    micro_batch: F.MicroBatchOpt = None,
-    global_batch: F.GlobalBatchOpt = None,
-    precision: F.PrecisionOpt = F.PrecisionChoice.bf16,
-    optimizer: F.OptimizerOpt = F.OptimizerChoice.adamw,
-    attention: F.AttentionOpt = F.AttentionChoice.flash,
-    recompute: F.RecomputeOpt = None,
-    dp: F.DpOpt = None,
-    tp: F.TpOpt = None,
-    pp: F.PpOpt = None,
-    zero: F.ZeroOpt = None,
-    offload: F.OffloadOpt = None,
-    calibration: F.CalibrationOpt = None,
+    job: F.JobFlags,
     steps: int = typer.Option(2, "--steps", min=1, help="Optimizer steps measured."),
     as_json: bool = typer.Option(False, "--json", help="Print predicted against measured bytes as JSON."),
     save: Optional[Path] = typer.Option(None, "--save", help="Append the measurement to this file, for 'orch calibrate'."),
@@ -389,11 +380,9 @@ def profile(
     from orchestrator.profiling import cpu_hardware, print_profile, profile_plan, save_record
     from planner.memory.evaluate import buffers_for
 
-    model_spec, cluster_spec, training = _job_inputs("profile", model, cluster, zero, seq_len, global_batch, precision,
-                                                     calibration=calibration, optimizer=optimizer.value, attention=attention.value)
-    pinned = _build(Pinned, "plan flags", dp=dp, tp=tp, pp=pp, zero_stage=zero, micro_batch=micro_batch,
-                    offload=offload.value if offload else None, recompute=recompute.value if recompute else None)
-    result = profile_plan(model_spec, cluster_spec, training, pinned, steps=steps)
+    model_spec, cluster_spec, training, pinned, finetune = _job_inputs(job, "profile")
+    result = profile_plan(model_spec, cluster_spec, training, pinned, steps=steps, finetune=finetune,
+                          model_source=job.model)
     if save is not None:
         hardware = cpu_hardware() if result.device == "cpu" else {"device": result.device}
         count = save_record(save, result.record(model_spec, training, buffers_for(model_spec, result.plan.plan)), hardware)

@@ -1,12 +1,17 @@
-"""Option groups shared by every command that takes a model, a cluster and a plan
-(``orch plan`` now; ``orch launch`` and ``orch profile`` reuse them). Each help text says what the
-flag overrides."""
+"""The flags that shape a job, declared once: ``orch plan``, ``orch launch`` and ``orch profile``
+take every one of them (``@job_flags``), so a plan's command line runs unchanged as a launch or a
+profile. A command that cannot honour a value refuses it in one line (orchestrator/cli.py). Each
+help text says what the flag overrides."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -132,3 +137,91 @@ CalibrationOpt = Annotated[
     Optional[Path],
     typer.Option("--calibration", help="Overhead constants fitted by 'orch calibrate' (override the cluster's overheads).", rich_help_panel=CLUSTER),
 ]
+
+
+class BackendChoice(str, Enum):
+    deepspeed = "deepspeed"
+    megatron = "megatron"
+
+
+BackendOpt = Annotated[BackendChoice, typer.Option(
+    "--backend", help="deepspeed: what orch launches; megatron: also SP, interleaving, CP (plan only, for comparison).",
+    rich_help_panel=PARALLEL)]
+
+
+@dataclass(frozen=True)
+class JobFlags:
+    """Every flag that shapes a job, as parsed: the one declaration (name, type, default) that
+    plan, launch and profile share. The annotations are the typer options above."""
+
+    model: ModelOpt = None
+    cluster: ClusterOpt = None
+    gpu: GpuOpt = None
+    gpus: GpusOpt = None
+    gpus_per_node: GpusPerNodeOpt = None
+    calibration: CalibrationOpt = None
+    seq_len: SeqLenOpt = 2048
+    micro_batch: MicroBatchOpt = None
+    global_batch: GlobalBatchOpt = None
+    precision: PrecisionOpt = PrecisionChoice.bf16
+    optimizer: OptimizerOpt = OptimizerChoice.adamw
+    attention: AttentionOpt = AttentionChoice.flash
+    recompute: RecomputeOpt = None
+    dp: DpOpt = None
+    tp: TpOpt = None
+    pp: PpOpt = None
+    zero: ZeroOpt = None
+    offload: OffloadOpt = None
+    sp: SpOpt = None
+    cp: CpOpt = None
+    ep: EpOpt = None
+    interleave: InterleaveOpt = None
+    backend: BackendOpt = BackendChoice.deepspeed
+    method: MethodOpt = MethodChoice.full
+    lora_rank: LoraRankOpt = 8
+    lora_alpha: LoraAlphaOpt = 16.0
+    lora_targets: LoraTargetsOpt = None
+    lora_dropout: LoraDropoutOpt = 0.0
+    quant: QuantOpt = "nf4"
+    double_quant: DoubleQuantOpt = True
+    quant_block_size: QuantBlockOpt = 64
+    upcast_fp32: UpcastOpt = True
+    paged_optimizer: PagedOpt = False
+    adapter_dtype: AdapterDtypeOpt = "fp32"
+    adapter_size: AdapterSizeOpt = 64
+    prefix_length: PrefixOpt = 30
+    num_virtual_tokens: VirtualTokensOpt = 20
+    ia3_targets: Ia3TargetsOpt = None
+
+    def given(self) -> dict[str, Any]:
+        """Flags whose value differs from the default (what a command may have to refuse)."""
+        defaults = JobFlags()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
+
+def job_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A typer command taking every JobFlags flag besides its own parameters; ``fn`` receives them
+    as one ``job: JobFlags`` keyword. typer reads the command's parameters from its signature and
+    annotations, so both are extended here (the wrapped function's own come after)."""
+    own = inspect.signature(fn)
+    names = [f.name for f in fields(JobFlags)]
+    hints = {f.name: f.type for f in fields(JobFlags)}
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_resolve(hints[f.name]))
+              for f in fields(JobFlags)]
+    own_hints = typing.get_type_hints(fn, include_extras=True)
+    rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints.get(p.name, p.annotation))
+            for p in own.parameters.values() if p.name != "job"]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        job = JobFlags(**{n: kwargs.pop(n) for n in names})
+        return fn(job=job, **kwargs)
+
+    wrapper.__signature__ = own.replace(parameters=[*shared, *rest])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _resolve(annotation: Any) -> Any:
+    """A string annotation (this module is ``from __future__ import annotations``) as the object."""
+    return eval(annotation, globals()) if isinstance(annotation, str) else annotation  # noqa: S307 - our own names

@@ -8,10 +8,13 @@ refused before Ray starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +34,7 @@ from planner.errors import PlanInputError
 from planner.memory.evaluate import buffers_for, evaluate
 from planner.specs.hardware import ClusterSpec
 from planner.structure.model import ModelSpec
+from planner.finetune.methods import FinetuneSpec
 from planner.search.pinned import Pinned
 from planner.specs.training import TrainingSpec
 
@@ -54,6 +58,8 @@ class Progress(threading.Thread):
         records = jobs.read_steps(self.run_dir)
         for r in records[seen:]:
             _say(progress_line(r, self.steps), self.outs)
+            if isinstance(r.get("checkpoint_time_s"), (int, float)):
+                _say(f"orch: checkpoint of step {r.get('step')} saved ({r['checkpoint_time_s']:.1f} s)", self.outs)
         return max(seen, len(records))
 
 
@@ -94,16 +100,16 @@ def summary(record: jobs.JobRecord, status: str) -> dict[str, Any]:
 
 
 def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
-            opts: LaunchOptions) -> jobs.JobRecord:
+            opts: LaunchOptions, finetune: FinetuneSpec | None = None) -> jobs.JobRecord:
     """Plan and write the job's record; everything here is refused before Ray starts."""
     check_storage(opts.checkpoint_dir)
     if opts.entrypoint:  # a bad --entrypoint is refused before any worker starts (the built-in one is there)
         resolve_entrypoint(opts.entrypoint, os.getcwd())
-    plan = choose_plan(model, cluster, training, pinned)
+    plan = choose_plan(model, cluster, training, pinned, finetune)
     if opts.preflight:  # measure the plan here first; move down the ranked plans until it fits
         from orchestrator.preflight import preflight
-        plan = preflight(model, cluster, training, pinned, plan)
-    job, storage = build_job(model, training, plan, opts, cluster=cluster)
+        plan = preflight(model, cluster, training, pinned, plan, finetune)
+    job, storage = build_job(model, training, plan, opts, cluster=cluster, finetune=finetune)
     run_dir = Path(job.run_dir)
     if jobs.record_path(run_dir).exists():
         raise PlanInputError(f"a job named '{job.name}' already exists in {storage}",
@@ -111,7 +117,7 @@ def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinn
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (STEPS_FILE, ATTEMPTS_FILE):
         (run_dir / stale).unlink(missing_ok=True)
-    planned = evaluate(model, cluster, training, plan, buffers=buffers_for(model, plan)).memory.total
+    planned = evaluate(model, cluster, training, plan, buffers=buffers_for(model, plan), finetune=finetune).memory.total
     workers = asdict(placement.workers_for(plan, cluster, planned))
     return jobs.save(jobs.JobRecord(
         job=job, storage=str(storage), address=opts.address or cluster.ray_address, mode="detached" if opts.detach else "foreground",
@@ -121,15 +127,15 @@ def prepare(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinn
 
 
 def launch(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned,
-           opts: LaunchOptions) -> dict[str, Any]:
+           opts: LaunchOptions, finetune: FinetuneSpec | None = None) -> dict[str, Any]:
     """Plan, then train in this process (the summary) or submit a detached Ray job (its record)."""
-    record = prepare(model, cluster, training, pinned, opts)
+    record = prepare(model, cluster, training, pinned, opts, finetune)
     if opts.detach:
         return detach(record)
-    return run_foreground(record)
+    return run_foreground(record, verbose=opts.verbose)
 
 
-def resume(name: str, storage: Path | None, address: str | None) -> dict[str, Any]:
+def resume(name: str, storage: Path | None, address: str | None, verbose: bool = False) -> dict[str, Any]:
     """Run a job again from its record: Ray Train restores its latest checkpoint from the storage
     path, and the run ends at the same total step count."""
     record = jobs.load(name, (storage or DEFAULT_STORAGE).expanduser().resolve())
@@ -141,40 +147,116 @@ def resume(name: str, storage: Path | None, address: str | None) -> dict[str, An
                              f"stop it first with 'orch stop {name}'")
     if address is not None:
         record = jobs.update(record, address=address)
-    return run_foreground(record)
+    return run_foreground(record, verbose=verbose)
 
 
-def run_foreground(record: jobs.JobRecord) -> dict[str, Any]:
-    """Be the job's driver: start (or join) Ray, train with a live progress line, record the end."""
+def run_foreground(record: jobs.JobRecord, verbose: bool = False) -> dict[str, Any]:
+    """Be the job's driver: start (or join) Ray, train with a live progress line, record the end.
+
+    The console shows orch's own lines (plan, progress, checkpoints, the outcome); Ray's,
+    DeepSpeed's and the workers' output go to the run's log file (``verbose``: live as well).
+    A stop at any moment (Ctrl-C or SIGTERM during start-up, a step, a checkpoint or a restart)
+    ends the run as 'stopped': the job's processes are shut down, its checkpoints stay."""
     record = jobs.mark_driver(record)
     from launch import ray_runtime
 
-    with open(record.run_dir / jobs.LOG_FILE, "a") as log:
-        outs = (sys.stderr, log)
+    with open(record.run_dir / jobs.LOG_FILE, "a") as log, _console(log, verbose) as console, _Interrupts() as stop:
+        outs = (console, log)
         _say(f"orch: launching {record.name}: {record.model} on {record.cluster}, plan {record.plan}, "
-             f"{record.job.steps} steps", outs)
+             f"{record.job.steps} steps" + ("" if verbose else f" (log: {record.run_dir / jobs.LOG_FILE})"), outs)
         workers = ray_runtime.Workers(**record.workers)
         embedded = record.address is None  # connect starts a cluster of this driver's own
+        job = record.job if verbose else record.job.model_copy(update={"worker_log": str(record.run_dir / jobs.LOG_FILE)})
+        progress = Progress(record.run_dir, record.job.steps, outs)
+        outcome = ray_runtime.Outcome("stopped", "interrupted (Ctrl-C or SIGTERM)")
         try:
-            ray_runtime.connect(record.address, workers)
+            ray_runtime.connect(record.address, workers, log_to_driver=verbose)
+            progress.start()
+            outcome = ray_runtime.run(job, workers, record.storage, record.max_failures, embedded=embedded)
         except PlanInputError as exc:
+            outcome = ray_runtime.Outcome("failed", str(exc))
+            stop.cleanup(lambda: ray_runtime.shutdown(embedded=embedded))
             jobs.update(record, state=jobs.JobState.FAILED, error=str(exc))
             raise
-        progress = Progress(record.run_dir, record.job.steps, outs)
-        progress.start()
-        try:
-            outcome = ray_runtime.run(record.job, workers, record.storage, record.max_failures, embedded=embedded)
         except KeyboardInterrupt:
-            outcome = ray_runtime.Outcome("stopped", "interrupted")
+            pass
         finally:
-            progress.done.set()
-            progress.join(timeout=5)
-            ray_runtime.shutdown(embedded=embedded)
+            stop.cleanup(lambda: _end_progress(progress))
+            stop.cleanup(lambda: ray_runtime.shutdown(embedded=embedded))
+        if stop.requested:  # a stop that raced the end of the run (workers gone first) is still a stop
+            outcome = ray_runtime.Outcome("stopped", "interrupted (Ctrl-C or SIGTERM)")
         if outcome.error:
             _say(f"orch: job {record.name} {outcome.status}: {outcome.error}", outs)
-    jobs.update(record, state=jobs.JobState(outcome.status), error=outcome.error)
+        jobs.update(record, state=jobs.JobState(outcome.status), error=outcome.error)
     _forget_metrics_targets(record)
     return summary(record, outcome.status)
+
+
+def _end_progress(progress: Progress) -> None:
+    progress.done.set()
+    if progress.is_alive():
+        progress.join(timeout=5)
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once in the driver's main thread and are
+    recorded; a second signal during the clean-up is recorded only, so the clean-up completes."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._cleaning = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if not self._cleaning:
+            self._cleaning = True
+            raise KeyboardInterrupt
+
+    def cleanup(self, fn) -> None:  # type: ignore[no-untyped-def]
+        """Run one clean-up step to its end: signals are deferred, an error is logged, not raised."""
+        self._cleaning = True
+        try:
+            fn()
+        except KeyboardInterrupt:
+            self.requested = True
+        except Exception as exc:  # noqa: BLE001 - a clean-up failure must not hide the run's outcome
+            print(f"orch: clean-up: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _console(log: TextIO, verbose: bool) -> Iterator[TextIO]:
+    """The terminal for orch's own lines. Unless ``verbose``, this process's stdout and stderr
+    (file descriptors 1 and 2: Ray's and its C++ core's messages, Python warnings) go to ``log``
+    until the run ends."""
+    if verbose:
+        yield sys.stderr
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    console = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+    try:
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        console.close()
 
 
 def _forget_metrics_targets(record: jobs.JobRecord) -> None:

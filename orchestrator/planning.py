@@ -8,7 +8,7 @@ from planner.search.advice import suggestions
 from planner.speed.cost import RunCost, run_cost
 from planner.errors import PlanInputError
 from planner.memory.activations import traced_attention
-from planner.memory.evaluate import evaluate, kernels_of
+from planner.memory.evaluate import buffers_for, evaluate, kernels_of
 from planner.finetune.methods import FinetuneSpec, extra_sequence_tokens
 from planner.specs.hardware import ClusterSpec
 from planner.structure.model import ModelSpec
@@ -112,6 +112,8 @@ def activation_note(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
     return note
 
 
-def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan) -> Candidate:
+def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, plan: ParallelPlan,
+                  finetune: FinetuneSpec | None = None) -> Candidate:
     """One given plan, evaluated (used by the compute-optimal recipe and the launcher)."""
-    return Candidate(evaluate(model, cluster, training, plan), step_time(model, cluster, training, plan))
+    return Candidate(evaluate(model, cluster, training, plan, buffers=buffers_for(model, plan), finetune=finetune),
+                     step_time(model, cluster, training, plan, finetune=finetune))

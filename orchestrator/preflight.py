@@ -19,6 +19,7 @@ from orchestrator.profiling import Profile, profile_plan
 from planner.errors import PlanInputError
 from planner.specs.hardware import ClusterSpec
 from planner.structure.model import ModelSpec
+from planner.finetune.methods import FinetuneSpec
 from planner.search.pinned import Pinned
 from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.units import GiB, KiB, MiB
@@ -86,19 +87,20 @@ def next_plan(ranked: Sequence[Ranked], measured_peak_bytes: int, capacity_bytes
     return Decision(False, None, f"{head} > {size(capacity_bytes)}; no later plan fits after the x {ratio:.2f} correction")
 
 
-def ranked_plans(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned, plan: ParallelPlan) -> list[Ranked]:
+def ranked_plans(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, pinned: Pinned, plan: ParallelPlan,
+                 finetune: FinetuneSpec | None = None) -> list[Ranked]:
     """``plan`` first, then every plan the search ranks with the same shape (dp, tp, pp, ...) and
     the user's pins, fastest first. On CPU clusters offload stays off, as orch launch runs it."""
     held = {k: getattr(plan, k) for k in _HELD}
     if cluster.backend == "gloo" and pinned.offload is None:
         held["offload"] = plan.offload
-    found = run_plan(model, cluster, training, pinned.model_copy(update=held), top=10**6)
+    found = run_plan(model, cluster, training, pinned.model_copy(update=held), top=10**6, finetune=finetune)
     rest = [Ranked(c.plan, c.memory.memory.total) for c in found.top if c.plan != plan]
     first = next((Ranked(c.plan, c.memory.memory.total) for c in found.top if c.plan == plan), None)
     if first is None:  # a plan the search would not rank (pinned beyond it): its own evaluation
         from planner.memory.evaluate import evaluate
 
-        first = Ranked(plan, evaluate(model, cluster, training, plan).memory.total)
+        first = Ranked(plan, evaluate(model, cluster, training, plan, finetune=finetune).memory.total)
     return [first, *rest]
 
 
@@ -108,6 +110,7 @@ def preflight(
     training: TrainingSpec,
     pinned: Pinned,
     plan: ParallelPlan,
+    finetune: FinetuneSpec | None = None,
     *,
     steps: int = 2,
     out: TextIO = sys.stderr,
@@ -115,9 +118,9 @@ def preflight(
 ) -> ParallelPlan:
     """Profile ``plan`` on this machine; while it does not fit, move to the next ranked plan.
     The plan to launch, or a PlanInputError when no ranked plan fits as measured."""
-    ranked = ranked_plans(model, cluster, training, pinned, plan)
+    ranked = ranked_plans(model, cluster, training, pinned, plan, finetune)
     while True:
-        measured = measure(model, cluster, training, pinned, plan=ranked[0].plan, steps=steps)
+        measured = measure(model, cluster, training, pinned, plan=ranked[0].plan, steps=steps, finetune=finetune)
         peak = measured.measured["peak"]
         if getattr(measured, "oom", False):  # ran out of memory: it needs more than the device, by an unknown amount
             peak = max(peak, cluster.gpu.memory_bytes + 1)

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from launch.deepspeed_config import deepspeed_config
-from orchestrator.launch_plan import choose_plan
+from launch.job import JobSpec
+from orchestrator.launch_plan import choose_plan, client_optimizer, finetune_job, job_hf_config, pretrained_dir
+from planner.finetune.methods import FinetuneSpec
 from planner.memory.calibration import MeasuredRecord
 from planner.errors import PlanInputError
 from planner.memory.evaluate import PlanMemory, buffers_for, evaluate
@@ -93,16 +95,22 @@ class Profile:
 
 
 def profile_job(model: ModelSpec, training: TrainingSpec, plan: ParallelPlan, buffers: ZeroBuffers, *,
-                steps: int, seed: int, device: str, tensors: bool = True) -> dict[str, Any]:
-    """What ``launch.profile_worker`` runs: the model, the plan's DeepSpeed config, the batch."""
+                steps: int, seed: int, device: str, tensors: bool = True, finetune: FinetuneSpec | None = None,
+                pretrained_dir: str | None = None) -> dict[str, Any]:
+    """What ``launch.profile_worker`` runs: the JobSpec a launched worker would get for the plan
+    (the same model, method and DeepSpeed config; launch.trainer.setup_engine builds both), and
+    what to measure."""
     if model.hf_config is None:
         raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
-    hf_config = dict(model.hf_config)
-    if training.attention == "eager":
-        hf_config["attn_implementation"] = "eager"  # 'flash': transformers' default SDPA (fused where the device has it)
-    return {"hf_config": hf_config, "ds_config": deepspeed_config(plan, training, buffers=buffers), "steps": steps,
-            "micro_batch": plan.micro_batch, "seq_len": training.seq_len, "seed": seed, "device": device,
-            "tensors": tensors, "recompute": plan.recompute, "tp": plan.tp}
+    spec = JobSpec(
+        name="orch-profile", run_dir=tempfile.gettempdir(), hf_config=job_hf_config(model, training),
+        ds_config=deepspeed_config(plan, training, buffers=buffers, finetune=finetune), plan=plan.model_dump(),
+        steps=steps, seq_len=training.seq_len, seed=seed, pretrained_dir=pretrained_dir,
+        finetune=finetune_job(model, training, finetune), client_optimizer=client_optimizer(training, finetune),
+    )
+    return {"spec": spec.model_dump(), "steps": steps, "micro_batch": plan.micro_batch, "seq_len": training.seq_len,
+            "seed": seed, "device": device, "tensors": tensors, "tp": plan.tp,
+            "vocab_size": int(model.hf_config["vocab_size"])}
 
 
 def _free_port() -> int:
@@ -195,13 +203,15 @@ def profile_plan(
     steps: int = 2,
     seed: int = 0,
     buffers: ZeroBuffers | None = None,
+    finetune: FinetuneSpec | None = None,
+    model_source: str | None = None,
 ) -> Profile:
     """Plan (or take ``plan``), run the plan's ranks on this machine and measure them.
     ``buffers``: ZeRO bucket sizes, written into the DeepSpeed config and counted by the planner
     alike (default: the plan's own, planner.memory.evaluate.buffers_for)."""
     if model.hf_config is None:
         raise PlanInputError(f"model '{model.name}' has no Hugging Face config to build", "pass a preset or a config.json")
-    plan = plan or choose_plan(model, cluster, training, pinned)
+    plan = plan or choose_plan(model, cluster, training, pinned, finetune)
     if plan.pp > 1:
         raise PlanInputError(
             f"the plan is {plan.describe()}, but orch profile measures data- and tensor-parallel ranks only so far",
@@ -209,8 +219,9 @@ def profile_plan(
         )
     device = _device(cluster, plan.world_size)
     buffers = buffers or buffers_for(model, plan)
-    predicted = evaluate(model, cluster, training, plan, buffers=buffers)
-    job = profile_job(model, training, plan, buffers, steps=steps, seed=seed, device=device)
+    predicted = evaluate(model, cluster, training, plan, buffers=buffers, finetune=finetune)
+    job = profile_job(model, training, plan, buffers, steps=steps, seed=seed, device=device, finetune=finetune,
+                      pretrained_dir=pretrained_dir(model_source))
     with tempfile.TemporaryDirectory(prefix="orch-profile-") as tmp:
         results = _spawn(job, plan.world_size, Path(tmp))
     per_rank = {r["rank"]: measured_components(r["records"]) for r in results}

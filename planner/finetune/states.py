@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from planner.finetune.methods import FinetuneSpec, quantized_bytes_per_param, trainable_params
 from planner.structure.model import ModelSpec
-from planner.memory.model_states import OPTIMIZER_STATE_BYTES, StateBytes
+from dataclasses import replace
+
+from planner.memory.model_states import MASTER_BYTES, OPTIMIZER_STATE_BYTES, Backward, StateBytes
 from planner.structure.params import layers_per_stage, stage_layers, stage_params
 from planner.specs.training import ParallelPlan, TrainingSpec
 from planner.memory.zero_buffers import ZeroBuffers
@@ -81,9 +83,23 @@ def finetune_states(
     k = OPTIMIZER_STATE_BYTES[training.optimizer]
     params = n * ab // (dp if z == 3 else 1)
     grads = n * ab // (dp if z >= 2 else 1)
-    optimizer = int(n * k) // (dp if z >= 1 else 1)
+    # Every ZeRO stage keeps an fp32 partition of the trainable parameters beside the model's own
+    # copy, even when they are fp32 already (stage_1_and_2.py single_partition_of_fp32_groups,
+    # stage3.py fp32_partitioned_groups_flat): MASTER_BYTES more per element (measured on 2 CPU
+    # ranks: LoRA under ZeRO-2, 12 bytes per trainable parameter with AdamW, not 8).
+    optimizer = int(n * (k + (MASTER_BYTES if z >= 1 else 0))) // (dp if z >= 1 else 1)
+    backward = None
     if buffers is not None and z >= 1:
-        grads += buffers.reduce_bucket_size * ab  # DeepSpeed allocates the whole bucket
+        # The reduce bucket is allocated at the first gradient's hook and released at the end of
+        # the backward (stage_1_and_2.py independent_gradient_partition_epilogue: _release_ipg_buffers),
+        # so it is not alive at the loss or the step (measured: LoRA, ZeRO-2, 2 CPU ranks).
+        bucket = buffers.reduce_bucket_size * ab
+        # The head is frozen under every method: the first trainable gradient comes from a layer
+        # (prompt tuning's from the embedding, the last part: then the bucket is the end's only).
+        first = "embedding" if ft.method == "prompt" else "layer"
+        backward = Backward(bucket=bucket, end=bucket + grads, first_part=first) if z < 3 else None
+        if z == 3:
+            grads += bucket  # stage 3 keeps its bucket from init (stage3.py)
     if ft.paged_optimizer:
         # Paged optimizers live in unified memory and page out to host RAM under pressure
         # (Dettmers et al. 2023, section 3): the GPU need not hold them.
@@ -91,4 +107,8 @@ def finetune_states(
     if plan.offload != "none":
         host += optimizer
         optimizer = 0
+    if backward is not None:
+        state = StateBytes(parameters=base + params, gradients=backward.end, optimizer=optimizer, host=host,
+                           step_gradients=grads, backward=backward)
+        return state if plan.grad_accum == 1 else replace(state, backward=None)
     return StateBytes(parameters=base + params, gradients=grads, optimizer=optimizer, host=host)

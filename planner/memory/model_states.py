@@ -58,6 +58,8 @@ class Backward:
     end: int = 0  # gradient bytes at the end of the backward (its reduce), the activations freed
     gathered: int = 0  # stage 3: parameter elements gathered at the start, each released after its own backward
     gathered_bytes: int = 0  # bytes per gathered element
+    first_part: str = ""  # fine-tuning: the part of the model whose backward makes the first trainable gradient
+    # ("layer": a frozen head makes none); "": the first part's
 
     def gradients(self, produced: int, last: int) -> int:
         """Gradient bytes alive once ``produced`` elements' gradients exist, ``last`` the latest."""

@@ -156,14 +156,16 @@ def _backward(p: int, o: int, bw: Backward, activations: int, segments: Sequence
     (with the largest of them in flight), beside the activations of the segments after it and its
     gathered parameters not yet released; then the end of the backward."""
     phases, produced, freed, before = [], 0, 0, 0
+    started = not bw.first_part  # a frozen part's backward makes no gradient, so no bucket yet
     for seg in segments:
+        started = started or seg.part == bw.first_part
         for _ in range(seg.count):
             before = produced
             freed += seg.activations
             alive = max(0, activations - freed)
             for fraction, working in seg.working or ((1.0, 0),):
                 made = before + int(round(fraction * seg.elements))
-                grads = bw.gradients(made, seg.largest if made > before else 0)
+                grads = bw.gradients(made, seg.largest if made > before else 0) if started else bw.before
                 phases.append(Phase("backward", p - bw.released(before), grads, o, alive + working))
             produced += seg.elements
     phases.append(Phase("backward", p - bw.released(before), bw.end, o, 0))

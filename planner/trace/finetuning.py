@@ -176,3 +176,9 @@ def count_trainable_parameters(hf_config: dict[str, Any], peft: dict[str, Any] |
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def apply_method(model: Any, peft: dict[str, Any] | None) -> Any:
+    """Freeze / wrap a real (or fake) transformers causal LM for the method of ``peft`` exactly as
+    the planner traces it; ``orch launch`` trains the model this returns (launch/models.py)."""
+    return _apply_peft(model, _normalize_peft(peft))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import progress
+
 pytestmark = pytest.mark.e2e
 
 ORCH = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
@@ -21,7 +23,7 @@ COMMON = ["launch", "--model", "debug", "--cluster", "cpu-2", "--steps", "20", "
 def _launch(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict, list[dict]]:
     log = tmp_path / "steps.jsonl"
     args = [*COMMON, "--checkpoint-dir", str(tmp_path / "ckpt"), "--log-jsonl", str(log), *extra]
-    proc = subprocess.run([*ORCH, *args], capture_output=True, text=True, timeout=540)
+    proc = progress.run([*ORCH, *args], [tmp_path / "ckpt"])  # as long as the job makes progress
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -61,15 +63,45 @@ def test_ctrl_c_stops_the_job_and_leaves_no_process(tmp_path: Path) -> None:
             [*ORCH, *args], stdout=out, stderr=err,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
         )
-        deadline = time.monotonic() + 300
-        while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "err").read_text()[-4000:]
-            time.sleep(0.5)
+        progress.wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, proc, [tmp_path / "ckpt"])
         started = psutil.Process(proc.pid).children(recursive=True)
         assert len(started) >= 3  # Ray's own processes and the two workers
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     summary = json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])
     assert summary["status"] == "stopped" and 3 <= summary["steps"] < 5000
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.pid for p in alive]
+
+
+def test_ctrl_c_during_start_up_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGINT while the embedded cluster is still starting (before any step): exit 130, status
+    'stopped' in the job's record, and no process of the launch left."""
+    import signal
+
+    import psutil
+
+    runs = tmp_path / "ckpt"
+    args = [*COMMON, "--steps", "5000", "--checkpoint-dir", str(runs), "--name", "early"]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([*ORCH, *args], stdout=out, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        def ray_starting() -> bool:  # Ray's GCS is up, no worker yet: the cluster is still starting
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "gcs_server" in " ".join(child.cmdline()):
+                        return True
+                except psutil.Error:
+                    continue
+            return False
+
+        progress.wait_until(ray_starting, proc, [runs])
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "err").read_text()[-3000:]
+    summary = json.loads((tmp_path / "out").read_text().strip().splitlines()[-1])
+    assert summary["status"] == "stopped" and summary["steps"] == 0
+    record = json.loads((runs / "early" / "orch_job.json").read_text())
+    assert record["state"] == "stopped"
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, [p.pid for p in alive]

@@ -205,3 +205,43 @@ def test_a_profile_is_a_calibration_record(profiles: dict[int, Profile]) -> None
     assert cal.records == 3 and cal.cuda_context_bytes is None
     for r in records:
         assert abs(predicted_device_peak(r, cal.overheads(Overheads())) - r.device_peak_bytes) / r.device_peak_bytes < 0.05
+
+
+# Fine-tuning plans profiled as orch launch runs them (launch.trainer.setup_engine on a saved model,
+# peft / bitsandbytes NF4 on CPU), allocated peak against the plan. Measured when written (2 ranks,
+# micro-batch 4, 64 tokens): LoRA ZeRO-0 +0.5%, ZeRO-1 and ZeRO-2 -0.1%; QLoRA ZeRO-0 -0.1%, ZeRO-2
+# -0.5%; (IA)^3 ZeRO-2 -0.1%; prefix ZeRO-2 -0.1%. Before the ZeRO fp32 partition of the adapters
+# and the backward-only reduce bucket were modelled (planner.finetune.states), LoRA ZeRO-2 was +18.7%.
+# Known gap: LoRA under ZeRO-3 is planned 8% low (the gathered frozen base's working set).
+FINETUNE = {"lora-z0": ("lora", 0), "lora-z2": ("lora", 2), "qlora-z0": ("qlora", 0), "qlora-z2": ("qlora", 2),
+            "ia3-z2": ("ia3", 2)}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from tests.launch.saved_model import saved_llama
+
+    return saved_llama(tmp_path_factory.mktemp("saved") / "llama")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", FINETUNE)
+def test_finetune_peak_within_2_percent(name: str, saved_model) -> None:  # type: ignore[no-untyped-def]
+    from planner.finetune.methods import FinetuneSpec
+
+    method, zero = FINETUNE[name]
+    model, cluster = load_model(str(saved_model)), resolve_cluster(None, "cpu", 2, None)
+    p = profile_plan(model, cluster, TrainingSpec(seq_len=64), Pinned(zero_stage=zero, micro_batch=4), steps=2,
+                     finetune=FinetuneSpec(method=method), model_source=str(saved_model))
+    assert abs(error_pct(p.plan.memory.peak_allocated, p.measured["allocated_peak"])) <= 2.0, p.as_json()
+
+
+@pytest.mark.e2e
+def test_profile_takes_the_fine_tuning_flags(saved_model) -> None:  # type: ignore[no-untyped-def]
+    """`orch profile --method qlora` runs (the same flags as plan and launch) and prints JSON."""
+    proc = subprocess.run([*ORCH, "profile", "--model", str(saved_model), "--gpu", "cpu", "--gpus", "2", "--seq-len", "64",
+                           "--micro-batch", "2", "--method", "qlora", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    predicted, measured = out["allocated_peak"]["predicted"], out["allocated_peak"]["measured"]
+    assert abs(error_pct(predicted, measured)) <= 2.0, out

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.launch import progress
 import yaml
 
 from launch.metrics import OrchMetrics
@@ -33,7 +35,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 ORCH = [sys.executable, "-m", "orchestrator"]
-DEADLINE_S = 240  # from the launch to every query answering (a launch takes ~40 s to its first step)
+# Waits are on the job's own progress (tests/launch/progress.py), not the wall clock: every query
+# must answer before the job has trained STEP_BUDGET steps, and the job must not stall.
+STEP_BUDGET = 1500
 GRAFANA_VARIABLES = {"$__rate_interval": "15s"}  # what Grafana substitutes; $job is set to the job's name
 
 
@@ -146,15 +150,18 @@ def test_prometheus_scrapes_a_launched_job(tmp_path: Path) -> None:
                 cwd=ROOT, stdout=launch_out, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
                 env={**os.environ, "RAY_ADDRESS": "local"})  # an embedded cluster even if a `ray start` head is about
             queries = _queries(job)
-            pending = dict(queries)
-            deadline = time.monotonic() + DEADLINE_S
-            while pending and time.monotonic() < deadline:
-                assert launch.poll() is None, f"orch launch exited {launch.returncode}: {launch_log.read_text()[-4000:]}"
-                pending = {k: q for k, q in pending.items() if _is_gpu(q) or not _query(base, q)}
-                pending = {k: q for k, q in pending.items() if not _is_gpu(q)}
-                time.sleep(2)
+            pending = {k: q for k, q in queries.items() if not _is_gpu(q)}
+            steps_file = runs / job / "orch_steps.jsonl"
+
+            def answered() -> bool:
+                nonlocal pending
+                pending = {k: q for k, q in pending.items() if not _query(base, q)}
+                done = len(steps_file.read_text().splitlines()) if steps_file.exists() else 0
+                return not pending or done >= STEP_BUDGET
+
+            progress.wait_until(answered, launch, [runs / job], what="orch launch")
             started = [*psutil.Process(launch.pid).children(recursive=True), *psutil.Process(monitor.pid).children(recursive=True)]
-            assert not pending, f"no data after {DEADLINE_S} s for: {json.dumps(pending, indent=1)}\n{launch_log.read_text()[-3000:]}"
+            assert not pending, f"no data after {STEP_BUDGET} steps for: {json.dumps(pending, indent=1)}\n{launch_log.read_text()[-3000:]}"
 
             # Series carry the job's name and rank labels, from one endpoint per node.
             steps = _query(base, f'orch_step_duration_seconds_count{{job="{job}"}}')

@@ -66,7 +66,7 @@ def test_controller_walks_until_a_plan_fits(monkeypatch: pytest.MonkeyPatch) -> 
     peaks = {Z1_MB8: int(12.35 * GiB), Z1_MB4: int(8 * GiB)}
     measured: list[ParallelPlan] = []
 
-    def measure(model, cluster, training, pinned, *, plan, steps):  # type: ignore[no-untyped-def]
+    def measure(model, cluster, training, pinned, *, plan, steps, finetune=None):  # type: ignore[no-untyped-def]
         measured.append(plan)
         return FakeProfile(peaks[plan])
 
