@@ -30,13 +30,22 @@ class SpeedConstants(BaseModel):
         default=0.64, gt=0, le=1,
         description="Sustained bf16/fp16 GEMM fraction of dense peak inside a training step. Isolated "
         "large GEMMs reach ~80% (cuBLAS ~250 of 312 TFLOP/s on A100); in training, clocks under power "
-        "limits and kernel tails bring it lower. Fitted on tests/data/published_runs.json (39 runs, "
-        "grid search in bench/calibrate_speed.py): mean error 7.6%, worst 18.6%.",
+        "limits and kernel tails bring it lower. Fitted by bench/speed_validation.py (leave one source "
+        "out over tests/data/speed_runs.json; the default is the fit on all held-out sources).",
+    )
+    fp8_gemm_efficiency: float = Field(
+        default=0.42, gt=0, le=1,
+        description="FP8 GEMM fraction of the FP8 dense peak (Transformer Engine / torchao Float8 "
+        "linears): per-tensor scaling, amax reductions and the casts around every GEMM keep FP8 "
+        "steps ~1.3-1.5x faster than BF16, not 2x (NeMo and DGX Cloud tables list both). Fitted "
+        "like gemm_efficiency on the fp8 rows.",
     )
     attention_efficiency: float = Field(
         default=0.65, gt=0, le=1,
-        description="FlashAttention-2 forward+backward fraction of peak (Dao 2023: 50-73% forward, "
-        "lower backward, on A100); fitted with gemm_efficiency.",
+        description="FlashAttention-2 forward+backward fraction of the bf16 peak over the full s x s "
+        "square (Dao 2023: 50-73% forward, lower backward, on A100); causal masking skips about half "
+        "the tiles, which this fraction absorbs. The core runs in bf16 also in FP8 training "
+        "(Transformer Engine's default fp8_dpa=False).",
     )
     kernel_launch_s: float = Field(
         default=4e-6, ge=0, description="Fixed cost of one kernel launch or tiny op, seconds."
@@ -44,8 +53,22 @@ class SpeedConstants(BaseModel):
     elementwise_bytes_per_token_per_hidden: float = Field(
         default=40.0, ge=0,
         description="Memory traffic of the non-matmul ops of one layer's forward per token, in units of "
-        "h bytes (norms, residual adds, activation function, dropout, rotary: ~20 reads+writes of "
-        "16-bit tensors of width h, counted from the layer's op list).",
+        "h bytes, for Megatron's fused kernels (fused layernorm, bias-GeLU/SwiGLU, bias-dropout-add, "
+        "fused softmax/rotary: ~20 reads+writes of 16-bit tensors of width h, counted from the layer's "
+        "op list).",
+    )
+    unfused_elementwise_bytes_per_token_per_hidden: float = Field(
+        default=100.0, ge=0,
+        description="The same for plain PyTorch modules (Hugging Face transformers, torchtitan, composer "
+        "without compile): every norm, activation, residual add and rotary is its own kernel that "
+        "reads and writes full tensors in fp32 upcasts (LlamaRMSNorm computes in fp32), about 2.5x "
+        "the fused traffic; fitted by bench/speed_validation.py on the non-Megatron sources.",
+    )
+    zero3_collective_latency_per_layer: bool = Field(
+        default=True,
+        description="ZeRO-3/FSDP issue one all-gather and one reduce-scatter per layer (DeepSpeed "
+        "fetches each submodule's partition; FSDP each wrapped block), so the ring latency is paid "
+        "once per layer and pass.",
     )
     dp_overlap: float = Field(
         default=0.85, ge=0, le=1,
@@ -109,15 +132,39 @@ class StepTime:
 
 
 def _gemm_s(m: float, k: float, n: float, peak: float, hbm: float, c: SpeedConstants, elem: int) -> float:
-    """Roofline time of an (m x k)(k x n) matmul: compute at the GEMM ceiling or memory, plus a launch."""
+    """Roofline time of an (m x k)(k x n) matmul: compute at the GEMM ceiling or memory, plus a
+    launch. ``peak`` is the achievable rate (peak x efficiency, ``matmul_rate``)."""
     flops = 2 * m * k * n
     traffic = elem * (m * k + k * n + m * n)
-    return max(flops / (peak * c.gemm_efficiency), traffic / hbm) + c.kernel_launch_s
+    return max(flops / peak, traffic / hbm) + c.kernel_launch_s
+
+
+def matmul_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants) -> float:
+    """Sustained FLOP/s of the linear layers: the precision's dense peak x the GPU's maximum
+    achievable matmul fraction (GPUSpec.matmul_achievable_fraction, measured) x the fraction of
+    that a training step sustains (the fitted GEMM efficiency)."""
+    ceiling = cluster.gpu.matmul_achievable_fraction
+    if precision == "fp8":
+        return cluster.gpu.peak_tflops("fp8") * 1e12 * ceiling * c.fp8_gemm_efficiency
+    return cluster.gpu.peak_tflops(precision) * 1e12 * ceiling * c.gemm_efficiency  # type: ignore[arg-type]
+
+
+def attention_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants) -> float:
+    """Sustained FLOP/s of the fused attention core: 16-bit (bf16 under FP8 training) x its efficiency."""
+    core = "bf16" if precision == "fp8" else precision
+    return cluster.gpu.peak_tflops(core) * 1e12 * cluster.gpu.matmul_achievable_fraction * c.attention_efficiency  # type: ignore[arg-type]
+
+
+def elementwise_bytes(m: ModelSpec, c: SpeedConstants) -> float:
+    """Per-token, per-h traffic of a layer's non-matmul ops for the model's implementation."""
+    if m.implementation == "megatron":
+        return c.elementwise_bytes_per_token_per_hidden
+    return c.unfused_elementwise_bytes_per_token_per_hidden
 
 
 def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cluster: ClusterSpec, c: SpeedConstants) -> tuple[float, float]:
     """(matmul + elementwise seconds, attention-core seconds) of one layer's forward on one rank."""
-    peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    peak = matmul_rate(cluster, training.precision, c)
     hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
     elem = 4 if training.precision == "fp32" else 2
     s = training.seq_len // plan.cp
@@ -135,15 +182,15 @@ def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cl
         ) + _gemm_s(tokens, h, m.num_experts, peak, hbm, c, elem)
     else:
         mlp = matrices_in * _gemm_s(tokens, h, f / t, peak, hbm, c, elem) + _gemm_s(tokens, f / t, h, peak, hbm, c, elem)
-    elementwise = c.elementwise_bytes_per_token_per_hidden * tokens * h / (t if plan.sp else 1) / hbm
+    elementwise = elementwise_bytes(m, c) * tokens * h / (t if plan.sp else 1) / hbm
     # Attention core: 4 s_q s_kv q FLOPs per sequence (QK^T and PV); with cp each rank's queries meet
     # the whole sequence's keys.
     core_flops = 4 * plan.micro_batch * s * training.seq_len * q / t
     if training.attention == "flash":
-        core = core_flops / (peak * c.attention_efficiency)
+        core = core_flops / attention_rate(cluster, training.precision, c)
     else:
         scores_bytes = plan.micro_batch * m.num_heads / t * s * training.seq_len * elem
-        core = core_flops / (peak * c.gemm_efficiency) + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
+        core = core_flops / peak + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
     return gemm + mlp + elementwise, core
 
 
@@ -160,6 +207,7 @@ def step_time(
     k_dense, k_core = pass_multipliers(method)
     links = group_links(cluster, plan)
     peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    rate = matmul_rate(cluster, training.precision, c)
     hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
     elem = 4 if training.precision == "fp32" else 2
     s_rank = training.seq_len // plan.cp
@@ -185,7 +233,7 @@ def step_time(
     ep_layer = 4 * all_to_all_s(act_bytes * m.experts_per_token, plan.ep, links.ep) if m.is_moe and plan.ep > 1 else 0.0
 
     counts = layers_per_stage(m.num_layers, plan.pp)
-    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, peak, hbm, c, elem)
+    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, rate, hbm, c, elem)
     stage_s = [n * (layer_s + tp_layer + cp_layer + ep_layer) + (logits_s if i == plan.pp - 1 else 0.0) for i, n in enumerate(counts)]
     slowest = max(stage_s)
     compute = m_micro * slowest
@@ -201,7 +249,7 @@ def step_time(
     # Data-parallel traffic and the optimizer step scale with what trains: all parameters for full
     # training, the adapters for PEFT (trainable/total), nothing but a scalar for MeZO.
     trained = 1.0 if method == "full" else 0.0 if method == "mezo" else trainable_params(m, finetune) / total_params(m)
-    dp_comm = trained * _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c)
+    dp_comm = _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c, trained=trained)
     optimizer = trained * _optimizer_s(m, plan, hbm, c)
     offload = trained * _offload_s(m, plan, cluster, c)
 
@@ -224,33 +272,46 @@ def step_time(
     )
 
 
-def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *, backward_s: float, c: SpeedConstants) -> float:  # type: ignore[no-untyped-def]
+def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *, backward_s: float,  # type: ignore[no-untyped-def]
+               c: SpeedConstants, trained: float = 1.0) -> float:
     """Exposed data-parallel communication per step. 16-bit gradients and parameters of the rank
     (Rajbhandari et al. 2020, section 7: ZeRO-1/2 move 2 Psi like an all-reduce, ZeRO-3 3 Psi).
-    Stage 0 all-reduces and stage 1 reduce-scatters once per step; stages 2 and 3 reduce every
-    micro-batch (DeepSpeed reduces in the backward hooks) and stage 3 all-gathers parameters for
-    every forward and backward (again for a full recompute)."""
+
+    Gradient accumulation: Megatron-LM's DDP accumulates into fp32 main_grad buffers and
+    reduce-scatters (distributed optimizer) or all-reduces once per step, after the last
+    micro-batch (megatron/core/distributed/distributed_data_parallel.py, no_sync for the others);
+    DeepSpeed stage 0/1 also reduce once per step, stage 2 reduces in the backward hooks of every
+    micro-batch. ZeRO-3 / FSDP gather every layer's parameters for each micro-batch's forward and
+    backward (again for a full recompute) and reduce-scatter its gradients every micro-batch
+    (FSDP reshard_after_forward; DeepSpeed stage3 fetch/release per submodule), one collective per
+    layer each. Gradient traffic scales with what trains (``trained``, the trainable fraction); a
+    frozen base is still gathered under ZeRO-3."""
     if plan.dp == 1:
         return 0.0
     sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=0)
-    grad_bytes = sp.total * (4 if training.precision == "fp32" else 2)
+    param_bytes = sp.total * (4 if training.precision == "fp32" else 2)
+    grad_bytes = trained * param_bytes
     n, mm = plan.dp, plan.grad_accum
     z = plan.zero_stage
+    per_step_reduce = z <= 1 or (z == 2 and m.implementation == "megatron")
     if z == 0:
         comm, per_micro = all_reduce_s(grad_bytes, n, link), 0.0
-    elif z == 1:
+    elif per_step_reduce:
         comm, per_micro = reduce_scatter_s(grad_bytes, n, link) + all_gather_s(grad_bytes, n, link), 0.0
     elif z == 2:
         comm = all_gather_s(grad_bytes, n, link)
         per_micro = reduce_scatter_s(grad_bytes, n, link)
     else:
         gathers = 2 + (1 if plan.recompute == "full" else 0)
+        layers = layers_per_stage(m.num_layers, plan.pp)[0] if c.zero3_collective_latency_per_layer else 1
+        ring_latency = (n - 1) * link.latency_s * (layers - 1)  # the other layers' collectives
         comm = 0.0
-        per_micro = reduce_scatter_s(grad_bytes, n, link) + gathers * all_gather_s(grad_bytes, n, link)
+        per_micro = (reduce_scatter_s(grad_bytes, n, link) + (ring_latency if trained > 0 else 0.0)
+                     + gathers * (all_gather_s(param_bytes, n, link) + ring_latency))
     total = comm + mm * per_micro
-    # Bucketed reduction hides behind the backward of the last micro-batch (stage 0/1) or of every
-    # micro-batch (stage 2); stage 3 prefetches parameters behind the forward and backward too.
-    window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 else 1.0 / mm)
+    # Bucketed reduction hides behind the backward of the last micro-batch (once per step) or of
+    # every micro-batch (stage 2); ZeRO-3 prefetches parameters behind the forward and backward too.
+    window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 and not per_step_reduce else 1.0 / mm)
     hidden = c.dp_overlap * window
     return max(total - hidden, 0.05 * total)
 
