@@ -45,6 +45,10 @@ def main() -> None:
     print(_line("ALL held-out", list(errors.values())))
     print(_line("  bf16/fp16 only", [e for k, e in errors.items() if by_id[k].precision != "fp8"]))
     print(_line("  fp8 only", [e for k, e in errors.items() if by_id[k].precision == "fp8"]))
+    for task in sorted({by_id[k].task for k in errors}):
+        print(_line(f"  task {task}", [e for k, e in errors.items() if by_id[k].task == task]))
+    for impl in ("megatron", "huggingface"):
+        print(_line(f"  {impl} kernels", [e for k, e in errors.items() if by_id[k].model.implementation == impl]))
     for cat in sorted({by_id[k].category for k in errors}):
         print(_line(f"  {cat}", [e for k, e in errors.items() if by_id[k].category == cat]))
     s = summary(errors)

@@ -31,7 +31,7 @@ class SpeedConstants(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gemm_efficiency: float = Field(
-        default=0.88, gt=0, le=1,
+        default=0.93, gt=0, le=1,
         description="Sustained bf16/fp16 GEMM fraction of the GPU's maximum achievable matmul rate "
         "(GPUSpec.matmul_achievable_fraction x peak) inside a training step: non-ideal shapes, wave "
         "tails and clocks under sustained power bring it below the best-shape benchmark. Fitted by "
@@ -39,36 +39,45 @@ class SpeedConstants(BaseModel):
         "default is the fit on all of them; the LOSO figures refit it without each source).",
     )
     fp8_gemm_efficiency: float = Field(
-        default=0.80, gt=0, le=1,
+        default=0.87, gt=0, le=1,
         description="FP8 GEMM fraction of the FP8 maximum achievable rate (Transformer Engine / torchao Float8 "
         "linears): per-tensor scaling, amax reductions and the casts around every GEMM keep FP8 "
         "steps ~1.3-1.5x faster than BF16, not 2x (NeMo and DGX Cloud tables list both). Fitted "
         "like gemm_efficiency on the fp8 rows.",
     )
     attention_efficiency: float = Field(
-        default=0.675, gt=0, le=1,
-        description="FlashAttention-2 forward+backward fraction of the bf16 achievable rate over the full s x s "
-        "square (Dao 2023: 50-73% forward, lower backward, on A100); causal masking skips about half "
-        "the tiles, which this fraction absorbs. The core runs in bf16 also in FP8 training "
-        "(Transformer Engine's default fp8_dpa=False).",
+        default=0.425, gt=0, le=1,
+        description="Attention-core forward+backward fraction of the bf16 achievable rate over the full "
+        "s x s square for plain PyTorch / Hugging Face modules (SDPA or flash-attn; FlashAttention-2 "
+        "reaches 50-73% forward, less backward, Dao 2023); causal masking skips about half the tiles, "
+        "which this fraction absorbs. The core runs in bf16 also in FP8 training (Transformer "
+        "Engine's default fp8_dpa=False). Fitted (0.425): the non-Megatron sources include "
+        "llm-foundry's MPT runs, whose default attn_impl is its Triton FlashAttention kernel (Dao "
+        "2023: FlashAttention-2 is 1.3-2.5x faster than it), so this is lower than FA2 alone.",
+    )
+    megatron_attention_efficiency: float = Field(
+        default=0.70, gt=0, le=1,
+        description="The same for Megatron-Core's attention, Transformer Engine's DotProductAttention "
+        "(cuDNN fused attention; on Hopper the FlashAttention-3-class kernels, Shah et al. 2024: "
+        "1.5-2x FlashAttention-2's throughput). Fitted with attention_efficiency.",
     )
     kernel_launch_s: float = Field(
         default=4e-6, ge=0, description="Fixed cost of one kernel launch or tiny op, seconds."
     )
     elementwise_bytes_per_token_per_hidden: float = Field(
-        default=80.0, ge=0,
+        default=110.0, ge=0,
         description="Memory traffic of the non-matmul ops of one layer's forward per token, in units of "
         "h bytes, for Megatron's fused kernels (fused layernorm, bias-GeLU/SwiGLU, bias-dropout-add, "
         "fused softmax/rotary: ~20 reads+writes of 16-bit tensors of width h, counted from the layer's "
-        "op list, ~40) plus what the rest of the step streams (embedding, loss, optimizer reads of "
-        "main_grad); fitted with gemm_efficiency (80).",
+        "op list, ~40) plus what else the layer streams that the roofline GEMMs do not (GEMM tails, "
+        "gradient-buffer accumulation into fp32 main_grad); fitted with gemm_efficiency (110).",
     )
     unfused_elementwise_bytes_per_token_per_hidden: float = Field(
-        default=200.0, ge=0,
+        default=180.0, ge=0,
         description="The same for plain PyTorch modules (Hugging Face transformers, torchtitan, composer "
         "without compile): every norm, activation, residual add and rotary is its own kernel that "
         "reads and writes full tensors in fp32 upcasts (LlamaRMSNorm computes in fp32), about 2.5x "
-        "the fused traffic; fitted by bench/speed_validation.py on the non-Megatron sources (200).",
+        "the fused traffic; fitted by bench/speed_validation.py on the non-Megatron sources (180).",
     )
     zero3_collective_latency_per_layer: bool = Field(
         default=True,
@@ -145,6 +154,26 @@ class StepTime:
 # (is_first_microbatch), so only activations pay it.
 FP8_CAST_BYTES_PER_ELEMENT = 4
 
+# Cross-entropy over the vocabulary, forward and backward, per logit: the 16-bit logits upcast to
+# fp32 (read 2, write 4), max / subtract / exp / sum passes (read 4 + read 4 + write 4), the
+# softmax gradient written in fp32 and cast back for the lm_head's backward (write 4, read 4,
+# write 2): ~28 bytes, counted from Megatron-LM's vocab_parallel_cross_entropy
+# (megatron/core/tensor_parallel/cross_entropy.py) and transformers' ForCausalLMLoss
+# (logits.float() then F.cross_entropy), which do the same passes. Memory bound.
+LOSS_BYTES_PER_LOGIT = 28
+
+# LoRA adapters run as separate kernels beside the frozen linear (peft LoraLayer.forward:
+# result = base(x) + lora_B(lora_A(dropout(x))) * scaling; NeMo's LoRA adapters likewise): per
+# token and adapted k -> n linear, the forward re-reads x (k) for A and reads/writes the base
+# output to add B's (about 4n), the backward reads dY (n) and x (k) again for the adapter
+# gradients and adds its input gradient into the base's (about 4k): ~5 (k + n) element accesses,
+# memory bound (the rank-r GEMMs are small). Summed over the model, sum(k + n) = trainable / r.
+LORA_ELEMENT_ACCESSES_PER_WIDTH = 5
+# QLoRA: bitsandbytes dequantizes every 4-bit weight to 16 bits on every use
+# (bnb.matmul_4bit -> dequantize_4bit, forward, again for the input gradient in backward, and in a
+# recomputed forward): 0.5 bytes read + 2 written per weight, then the GEMM reads it (counted).
+QLORA_DEQUANT_BYTES_PER_WEIGHT = 2.5
+
 
 def _gemm_s(m: float, k: float, n: float, peak: float, hbm: float, c: SpeedConstants, elem: int,
             fp8: bool = False) -> float:
@@ -167,10 +196,12 @@ def matmul_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants) -> floa
     return cluster.gpu.peak_tflops(precision) * 1e12 * ceiling * c.gemm_efficiency  # type: ignore[arg-type]
 
 
-def attention_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants) -> float:
-    """Sustained FLOP/s of the fused attention core: 16-bit (bf16 under FP8 training) x its efficiency."""
+def attention_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants, implementation: str = "huggingface") -> float:
+    """Sustained FLOP/s of the fused attention core: 16-bit (bf16 under FP8 training) x the
+    implementation's attention efficiency."""
     core = "bf16" if precision == "fp8" else precision
-    return cluster.gpu.peak_tflops(core) * 1e12 * cluster.gpu.matmul_achievable_fraction * c.attention_efficiency  # type: ignore[arg-type]
+    eff = c.megatron_attention_efficiency if implementation == "megatron" else c.attention_efficiency
+    return cluster.gpu.peak_tflops(core) * 1e12 * cluster.gpu.matmul_achievable_fraction * eff  # type: ignore[arg-type]
 
 
 def elementwise_bytes(m: ModelSpec, c: SpeedConstants) -> float:
@@ -206,7 +237,7 @@ def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cl
     # the whole sequence's keys.
     core_flops = 4 * plan.micro_batch * s * training.seq_len * q / t
     if training.attention == "flash":
-        core = core_flops / attention_rate(cluster, training.precision, c)
+        core = core_flops / attention_rate(cluster, training.precision, c, m.implementation)
     else:
         scores_bytes = plan.micro_batch * m.num_heads / t * s * training.seq_len * elem
         core = core_flops / peak + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
@@ -252,9 +283,11 @@ def step_time(
     ep_layer = 4 * all_to_all_s(act_bytes * m.experts_per_token, plan.ep, links.ep) if m.is_moe and plan.ep > 1 else 0.0
 
     counts = layers_per_stage(m.num_layers, plan.pp)
-    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, rate, hbm, c, elem)
+    logits_s = (k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, rate, hbm, c, elem)
+                + LOSS_BYTES_PER_LOGIT * tokens_mb * m.vocab_size / plan.tp / hbm)
     stage_s = [n * (layer_s + tp_layer + cp_layer + ep_layer) + (logits_s if i == plan.pp - 1 else 0.0) for i, n in enumerate(counts)]
     slowest = max(stage_s)
+    slowest += _peft_s(m, training, plan, finetune, hbm, tokens_mb, elem)
     compute = m_micro * slowest
     # Pipeline bubble (pp-1)/(m v) of the ideal time (Narayanan et al. 2021, section 2.2).
     bubble = compute * (plan.pp - 1) / (m_micro * plan.interleave)
@@ -333,6 +366,24 @@ def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *
     window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 and not per_step_reduce else 1.0 / mm)
     hidden = c.dp_overlap * window
     return max(total - hidden, 0.05 * total)
+
+
+def _peft_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ft: FinetuneSpec | None, hbm: float,
+            tokens_mb: int, elem: int) -> float:
+    """Per micro-batch, on the slowest stage: LoRA adapter traffic and QLoRA's dequantization."""
+    if ft is None or ft.method not in ("lora", "qlora"):
+        return 0.0
+    from planner.finetune.states import quantized_elements  # planner.finetune.states imports the memory model
+    from planner.structure.params import stage_layers
+
+    share = max(layers_per_stage(m.num_layers, plan.pp)) / m.num_layers / plan.tp
+    widths = trainable_params(m, ft) / ft.lora_rank  # sum of (k + n) over the adapted linears
+    t = LORA_ELEMENT_ACCESSES_PER_WIDTH * elem * tokens_mb * widths * share / hbm
+    if ft.method == "qlora":
+        uses = 2 + (1 if plan.recompute == "full" else 0)
+        weights = sum(quantized_elements(m, i) for i in stage_layers(m.num_layers, plan.pp, 0)) / plan.tp
+        t += uses * QLORA_DEQUANT_BYTES_PER_WEIGHT * weights / hbm
+    return t
 
 
 def _optimizer_s(m: ModelSpec, plan: ParallelPlan, hbm: float, c: SpeedConstants) -> float:

@@ -177,9 +177,10 @@ def held_out_sources() -> list[str]:
 # The constants fitted, with the grid each is searched over (coordinate descent). Nothing per run.
 FITTED = {
     "gemm_efficiency": [0.60 + 0.01 * i for i in range(41)],
-    "fp8_gemm_efficiency": [0.40 + 0.01 * i for i in range(41)],
+    "fp8_gemm_efficiency": [0.40 + 0.01 * i for i in range(61)],
     "attention_efficiency": [0.40 + 0.025 * i for i in range(25)],
-    "elementwise_bytes_per_token_per_hidden": [10.0 * i for i in range(0, 11)],
+    "megatron_attention_efficiency": [0.40 + 0.025 * i for i in range(25)],
+    "elementwise_bytes_per_token_per_hidden": [10.0 * i for i in range(0, 21)],
     "unfused_elementwise_bytes_per_token_per_hidden": [20.0 * i for i in range(0, 21)],
     "dp_overlap": [0.5 + 0.05 * i for i in range(11)],
 }
