@@ -39,7 +39,7 @@ class SpeedConstants(BaseModel):
         "default is the fit on all of them; the LOSO figures refit it without each source).",
     )
     fp8_gemm_efficiency: float = Field(
-        default=0.87, gt=0, le=1,
+        default=0.85, gt=0, le=1,
         description="FP8 GEMM fraction of the FP8 maximum achievable rate (Transformer Engine / torchao Float8 "
         "linears): per-tensor scaling, amax reductions and the casts around every GEMM keep FP8 "
         "steps ~1.3-1.5x faster than BF16, not 2x (NeMo and DGX Cloud tables list both). Fitted "
