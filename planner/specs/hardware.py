@@ -34,6 +34,14 @@ class GPUSpec(BaseModel):
     tdp_watts: float = Field(gt=0, description="Board power limit, W.")
     nvlink_GB_per_s: float = Field(ge=0, description="Per-GPU intra-node link bandwidth, one direction, GB/s; 0 = PCIe only.")
     pcie_GB_per_s: float = Field(gt=0, description="Host link bandwidth, one direction, GB/s.")
+    matmul_achievable_fraction: float = Field(
+        default=0.80, gt=0, le=1,
+        description="Maximum achievable 16-bit matmul FLOP/s as a fraction of the dense peak (best "
+        "large aligned shape; power and clocks, not the kernel, set it). Measured values from Bekman, "
+        "ml-engineering compute/accelerator/README.md 'Maximum Achievable Matmul FLOPS comparison "
+        "table' (mamf-finder.py): A100 SXM 267.9/312 = 85.9%, H100 SXM 792.1/989 = 80.1%, H100/H200 "
+        "SXM 794.5/989 = 80.3%, MI300X 781.9/1300 = 60.1%; 0.80 where not measured.",
+    )
     source: str = Field(description="Where the figures come from.")
 
     def peak_tflops(self, precision: Precision) -> float:
@@ -64,19 +72,19 @@ GPU_CATALOG: dict[str, GPUSpec] = {
              source="NVIDIA Tesla V100 datasheet (SXM2), NVLink 2.0 6 links x 25 GB/s"),
         _gpu(name="a100-40gb", memory_bytes=42_505_273_344, peak_tflops_fp32=19.5, peak_tflops_tf32=156.0,
              peak_tflops_bf16=312.0, peak_tflops_fp16=312.0, peak_tflops_fp8=None, hbm_bandwidth_GB_per_s=1555,
-             tdp_watts=400, nvlink_GB_per_s=300, pcie_GB_per_s=32,
+             tdp_watts=400, nvlink_GB_per_s=300, pcie_GB_per_s=32, matmul_achievable_fraction=0.859,
              source="NVIDIA A100 datasheet (SXM4 40GB), NVLink 3.0 600 GB/s bidirectional"),
         _gpu(name="a100-80gb", memory_bytes=85_198_045_184, peak_tflops_fp32=19.5, peak_tflops_tf32=156.0,
              peak_tflops_bf16=312.0, peak_tflops_fp16=312.0, peak_tflops_fp8=None, hbm_bandwidth_GB_per_s=2039,
-             tdp_watts=400, nvlink_GB_per_s=300, pcie_GB_per_s=32,
+             tdp_watts=400, nvlink_GB_per_s=300, pcie_GB_per_s=32, matmul_achievable_fraction=0.859,
              source="NVIDIA A100 datasheet (SXM4 80GB), NVLink 3.0 600 GB/s bidirectional"),
         _gpu(name="h100-80gb", memory_bytes=85_520_809_984, peak_tflops_fp32=67.0, peak_tflops_tf32=494.7,
              peak_tflops_bf16=989.4, peak_tflops_fp16=989.4, peak_tflops_fp8=1978.9, hbm_bandwidth_GB_per_s=3350,
-             tdp_watts=700, nvlink_GB_per_s=450, pcie_GB_per_s=64,
+             tdp_watts=700, nvlink_GB_per_s=450, pcie_GB_per_s=64, matmul_achievable_fraction=0.801,
              source="NVIDIA H100 datasheet (SXM5), NVLink 4.0 900 GB/s bidirectional"),
         _gpu(name="h200-141gb", memory_bytes=150_754_820_096, peak_tflops_fp32=67.0, peak_tflops_tf32=494.7,
              peak_tflops_bf16=989.4, peak_tflops_fp16=989.4, peak_tflops_fp8=1978.9, hbm_bandwidth_GB_per_s=4800,
-             tdp_watts=700, nvlink_GB_per_s=450, pcie_GB_per_s=64,
+             tdp_watts=700, nvlink_GB_per_s=450, pcie_GB_per_s=64, matmul_achievable_fraction=0.803,
              source="NVIDIA H200 datasheet (SXM), NVLink 4.0 900 GB/s bidirectional"),
         _gpu(name="l40s-48gb", memory_bytes=47_697_362_944, peak_tflops_fp32=91.6, peak_tflops_tf32=183.0,
              peak_tflops_bf16=362.05, peak_tflops_fp16=362.05, peak_tflops_fp8=733.0, hbm_bandwidth_GB_per_s=864,
@@ -92,7 +100,7 @@ GPU_CATALOG: dict[str, GPUSpec] = {
              source="NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090 (FP16/BF16 with FP32 accumulate)"),
         _gpu(name="mi300x-192gb", memory_bytes=205_822_885_888, peak_tflops_fp32=163.4, peak_tflops_tf32=653.7,
              peak_tflops_bf16=1307.4, peak_tflops_fp16=1307.4, peak_tflops_fp8=2614.9, hbm_bandwidth_GB_per_s=5300,
-             tdp_watts=750, nvlink_GB_per_s=448, pcie_GB_per_s=64,
+             tdp_watts=750, nvlink_GB_per_s=448, pcie_GB_per_s=64, matmul_achievable_fraction=0.601,
              source="AMD Instinct MI300X datasheet; Infinity Fabric 7 links x 64 GB/s"),
         # A nominal CPU "device" for local runs on the CPU backend: the memory is a worker's share of
         # host RAM and the peak a modest AVX2 core pair; override both in a cluster YAML.

@@ -2,8 +2,12 @@
 tensor/context/expert/pipeline/data-parallel communication (planner.speed.comm), the pipeline bubble,
 the optimizer step and offload traffic.
 
-The efficiency constants are named below with their sources; ``tests/planner/test_speed.py``
-checks the whole model against published training runs (tests/data/published_runs.json).
+The efficiency constants are named below with their sources; they are fitted on the held-out runs
+of tests/data/speed_runs.json and validated leave-one-source-out (bench/speed_validation.py,
+tests/planner/test_speed_validation.py); tests/planner/test_published_runs.py checks the model on
+the runs of tests/data/published_runs.json it was first calibrated on. Two implementations: Megatron's
+fused kernels (``implementation="megatron"``, ``--backend megatron``) and plain PyTorch / Hugging
+Face modules (the default DeepSpeed backend), which differ in the non-matmul traffic.
 """
 
 from __future__ import annotations
@@ -22,35 +26,70 @@ from planner.specs.training import ParallelPlan, TrainingSpec
 
 
 class SpeedConstants(BaseModel):
-    """Achievable fractions of peak; calibrated on published runs (see module docstring)."""
+    """Achievable fractions of peak; fitted on the held-out published runs (bench/speed_validation.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gemm_efficiency: float = Field(
-        default=0.64, gt=0, le=1,
-        description="Sustained bf16/fp16 GEMM fraction of dense peak inside a training step. Isolated "
-        "large GEMMs reach ~80% (cuBLAS ~250 of 312 TFLOP/s on A100); in training, clocks under power "
-        "limits and kernel tails bring it lower. Fitted on tests/data/published_runs.json (39 runs, "
-        "grid search in bench/calibrate_speed.py): mean error 7.6%, worst 18.6%.",
+        default=0.93, gt=0, le=1,
+        description="Sustained bf16/fp16 GEMM fraction of the GPU's maximum achievable matmul rate "
+        "(GPUSpec.matmul_achievable_fraction x peak) inside a training step: non-ideal shapes, wave "
+        "tails and clocks under sustained power bring it below the best-shape benchmark. Fitted by "
+        "bench/speed_validation.py on the held-out sources of tests/data/speed_runs.json (the "
+        "default is the fit on all of them; the LOSO figures refit it without each source).",
+    )
+    fp8_gemm_efficiency: float = Field(
+        default=0.85, gt=0, le=1,
+        description="FP8 GEMM fraction of the FP8 maximum achievable rate (Transformer Engine / torchao Float8 "
+        "linears): per-tensor scaling, amax reductions and the casts around every GEMM keep FP8 "
+        "steps ~1.3-1.5x faster than BF16, not 2x (NeMo and DGX Cloud tables list both). Fitted "
+        "like gemm_efficiency on the fp8 rows.",
     )
     attention_efficiency: float = Field(
-        default=0.65, gt=0, le=1,
-        description="FlashAttention-2 forward+backward fraction of peak (Dao 2023: 50-73% forward, "
-        "lower backward, on A100); fitted with gemm_efficiency.",
+        default=0.425, gt=0, le=1,
+        description="Attention-core forward+backward fraction of the bf16 achievable rate over the full "
+        "s x s square for plain PyTorch / Hugging Face modules (SDPA or flash-attn; FlashAttention-2 "
+        "reaches 50-73% forward, less backward, Dao 2023); causal masking skips about half the tiles, "
+        "which this fraction absorbs. The core runs in bf16 also in FP8 training (Transformer "
+        "Engine's default fp8_dpa=False). Fitted (0.425): the non-Megatron sources include "
+        "llm-foundry's MPT runs, whose default attn_impl is its Triton FlashAttention kernel (Dao "
+        "2023: FlashAttention-2 is 1.3-2.5x faster than it), so this is lower than FA2 alone.",
+    )
+    megatron_attention_efficiency: float = Field(
+        default=0.70, gt=0, le=1,
+        description="The same for Megatron-Core's attention, Transformer Engine's DotProductAttention "
+        "(cuDNN fused attention; on Hopper the FlashAttention-3-class kernels, Shah et al. 2024: "
+        "1.5-2x FlashAttention-2's throughput). Fitted with attention_efficiency.",
     )
     kernel_launch_s: float = Field(
         default=4e-6, ge=0, description="Fixed cost of one kernel launch or tiny op, seconds."
     )
     elementwise_bytes_per_token_per_hidden: float = Field(
-        default=40.0, ge=0,
+        default=110.0, ge=0,
         description="Memory traffic of the non-matmul ops of one layer's forward per token, in units of "
-        "h bytes (norms, residual adds, activation function, dropout, rotary: ~20 reads+writes of "
-        "16-bit tensors of width h, counted from the layer's op list).",
+        "h bytes, for Megatron's fused kernels (fused layernorm, bias-GeLU/SwiGLU, bias-dropout-add, "
+        "fused softmax/rotary: ~20 reads+writes of 16-bit tensors of width h, counted from the layer's "
+        "op list, ~40) plus what else the layer streams that the roofline GEMMs do not (GEMM tails, "
+        "gradient-buffer accumulation into fp32 main_grad); fitted with gemm_efficiency (110).",
+    )
+    unfused_elementwise_bytes_per_token_per_hidden: float = Field(
+        default=180.0, ge=0,
+        description="The same for plain PyTorch modules (Hugging Face transformers, torchtitan, composer "
+        "without compile): every norm, activation, residual add and rotary is its own kernel that "
+        "reads and writes full tensors in fp32 upcasts (LlamaRMSNorm computes in fp32), about 2.5x "
+        "the fused traffic; fitted by bench/speed_validation.py on the non-Megatron sources (180).",
+    )
+    zero3_collective_latency_per_layer: bool = Field(
+        default=True,
+        description="ZeRO-3/FSDP issue one all-gather and one reduce-scatter per layer (DeepSpeed "
+        "fetches each submodule's partition; FSDP each wrapped block), so the ring latency is paid "
+        "once per layer and pass.",
     )
     dp_overlap: float = Field(
-        default=0.85, ge=0, le=1,
+        default=0.80, ge=0, le=1,
         description="Fraction of the compute behind which bucketed gradient reduction and ZeRO-3 "
-        "prefetch hide (DeepSpeed overlap_comm).",
+        "prefetch hide (DeepSpeed overlap_comm, FSDP forward/backward prefetch); fitted by "
+        "bench/speed_validation.py (0.80).",
     )
     cpu_adam_params_per_s: float = Field(
         default=1.0e9, gt=0,
@@ -108,42 +147,100 @@ class StepTime:
         }
 
 
-def _gemm_s(m: float, k: float, n: float, peak: float, hbm: float, c: SpeedConstants, elem: int) -> float:
-    """Roofline time of an (m x k)(k x n) matmul: compute at the GEMM ceiling or memory, plus a launch."""
+# FP8 linears cast their 16-bit input to FP8 before every GEMM: Transformer Engine's fused
+# cast-transpose reads the tensor once (2 bytes/element) and writes the FP8 copy and its transpose
+# for the backward (1 + 1 bytes), a separate memory-bound kernel (transformer_engine/common/
+# transpose/cast_transpose.cu); the weights' cast is cached across micro-batches
+# (is_first_microbatch), so only activations pay it.
+FP8_CAST_BYTES_PER_ELEMENT = 4
+
+# Cross-entropy over the vocabulary, forward and backward, per logit: the 16-bit logits upcast to
+# fp32 (read 2, write 4), max / subtract / exp / sum passes (read 4 + read 4 + write 4), the
+# softmax gradient written in fp32 and cast back for the lm_head's backward (write 4, read 4,
+# write 2): ~28 bytes, counted from Megatron-LM's vocab_parallel_cross_entropy
+# (megatron/core/tensor_parallel/cross_entropy.py) and transformers' ForCausalLMLoss
+# (logits.float() then F.cross_entropy), which do the same passes. Memory bound.
+LOSS_BYTES_PER_LOGIT = 28
+
+# LoRA adapters run as separate kernels beside the frozen linear (peft LoraLayer.forward:
+# result = base(x) + lora_B(lora_A(dropout(x))) * scaling; NeMo's LoRA adapters likewise): per
+# token and adapted k -> n linear, the forward re-reads x (k) for A and reads/writes the base
+# output to add B's (about 4n), the backward reads dY (n) and x (k) again for the adapter
+# gradients and adds its input gradient into the base's (about 4k): ~5 (k + n) element accesses,
+# memory bound (the rank-r GEMMs are small). Summed over the model, sum(k + n) = trainable / r.
+LORA_ELEMENT_ACCESSES_PER_WIDTH = 5
+# QLoRA: bitsandbytes dequantizes every 4-bit weight to 16 bits on every use
+# (bnb.matmul_4bit -> dequantize_4bit, forward, again for the input gradient in backward, and in a
+# recomputed forward): 0.5 bytes read + 2 written per weight, then the GEMM reads it (counted).
+QLORA_DEQUANT_BYTES_PER_WEIGHT = 2.5
+
+
+def _gemm_s(m: float, k: float, n: float, peak: float, hbm: float, c: SpeedConstants, elem: int,
+            fp8: bool = False) -> float:
+    """Roofline time of an (m x k)(k x n) matmul: compute at the GEMM ceiling or memory, plus a
+    launch. ``peak`` is the achievable rate (peak x efficiency, ``matmul_rate``); FP8 adds the
+    cast of the m x k input."""
     flops = 2 * m * k * n
     traffic = elem * (m * k + k * n + m * n)
-    return max(flops / (peak * c.gemm_efficiency), traffic / hbm) + c.kernel_launch_s
+    cast = FP8_CAST_BYTES_PER_ELEMENT * m * k / hbm if fp8 else 0.0
+    return max(flops / peak, traffic / hbm) + cast + c.kernel_launch_s
+
+
+def matmul_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants) -> float:
+    """Sustained FLOP/s of the linear layers: the precision's dense peak x the GPU's maximum
+    achievable matmul fraction (GPUSpec.matmul_achievable_fraction, measured) x the fraction of
+    that a training step sustains (the fitted GEMM efficiency)."""
+    ceiling = cluster.gpu.matmul_achievable_fraction
+    if precision == "fp8":
+        return cluster.gpu.peak_tflops("fp8") * 1e12 * ceiling * c.fp8_gemm_efficiency
+    return cluster.gpu.peak_tflops(precision) * 1e12 * ceiling * c.gemm_efficiency  # type: ignore[arg-type]
+
+
+def attention_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants, implementation: str = "huggingface") -> float:
+    """Sustained FLOP/s of the fused attention core: 16-bit (bf16 under FP8 training) x the
+    implementation's attention efficiency."""
+    core = "bf16" if precision == "fp8" else precision
+    eff = c.megatron_attention_efficiency if implementation == "megatron" else c.attention_efficiency
+    return cluster.gpu.peak_tflops(core) * 1e12 * cluster.gpu.matmul_achievable_fraction * eff  # type: ignore[arg-type]
+
+
+def elementwise_bytes(m: ModelSpec, c: SpeedConstants) -> float:
+    """Per-token, per-h traffic of a layer's non-matmul ops for the model's implementation."""
+    if m.implementation == "megatron":
+        return c.elementwise_bytes_per_token_per_hidden
+    return c.unfused_elementwise_bytes_per_token_per_hidden
 
 
 def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cluster: ClusterSpec, c: SpeedConstants) -> tuple[float, float]:
     """(matmul + elementwise seconds, attention-core seconds) of one layer's forward on one rank."""
-    peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    peak = matmul_rate(cluster, training.precision, c)
     hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
     elem = 4 if training.precision == "fp32" else 2
     s = training.seq_len // plan.cp
     tokens = s * plan.micro_batch
     h, t = m.hidden_size, plan.tp
     q, kv, f = m.q_width, m.kv_width, m.ffn_hidden_size
-    gemm = _gemm_s(tokens, h, (q + 2 * kv) / t, peak, hbm, c, elem) + _gemm_s(tokens, q / t, h, peak, hbm, c, elem)
+    f8 = training.precision == "fp8"
+    gemm = _gemm_s(tokens, h, (q + 2 * kv) / t, peak, hbm, c, elem, f8) + _gemm_s(tokens, q / t, h, peak, hbm, c, elem, f8)
     matrices_in = 2 if m.gated_mlp else 1
     if m.is_moe:
         # Each expert sees tokens*top_k/E tokens on average; the rank runs E/ep experts' GEMMs.
         routed = tokens * m.experts_per_token * plan.ep / m.num_experts
         experts_here = m.num_experts // plan.ep
         mlp = experts_here * (
-            matrices_in * _gemm_s(routed, h, f / t, peak, hbm, c, elem) + _gemm_s(routed, f / t, h, peak, hbm, c, elem)
+            matrices_in * _gemm_s(routed, h, f / t, peak, hbm, c, elem, f8) + _gemm_s(routed, f / t, h, peak, hbm, c, elem, f8)
         ) + _gemm_s(tokens, h, m.num_experts, peak, hbm, c, elem)
     else:
-        mlp = matrices_in * _gemm_s(tokens, h, f / t, peak, hbm, c, elem) + _gemm_s(tokens, f / t, h, peak, hbm, c, elem)
-    elementwise = c.elementwise_bytes_per_token_per_hidden * tokens * h / (t if plan.sp else 1) / hbm
+        mlp = matrices_in * _gemm_s(tokens, h, f / t, peak, hbm, c, elem, f8) + _gemm_s(tokens, f / t, h, peak, hbm, c, elem, f8)
+    elementwise = elementwise_bytes(m, c) * tokens * h / (t if plan.sp else 1) / hbm
     # Attention core: 4 s_q s_kv q FLOPs per sequence (QK^T and PV); with cp each rank's queries meet
     # the whole sequence's keys.
     core_flops = 4 * plan.micro_batch * s * training.seq_len * q / t
     if training.attention == "flash":
-        core = core_flops / (peak * c.attention_efficiency)
+        core = core_flops / attention_rate(cluster, training.precision, c, m.implementation)
     else:
         scores_bytes = plan.micro_batch * m.num_heads / t * s * training.seq_len * elem
-        core = core_flops / (peak * c.gemm_efficiency) + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
+        core = core_flops / peak + 6 * scores_bytes / hbm  # softmax/mask/dropout passes
     return gemm + mlp + elementwise, core
 
 
@@ -160,6 +257,7 @@ def step_time(
     k_dense, k_core = pass_multipliers(method)
     links = group_links(cluster, plan)
     peak = cluster.gpu.peak_tflops(training.precision) * 1e12
+    rate = matmul_rate(cluster, training.precision, c)
     hbm = cluster.gpu.hbm_bandwidth_GB_per_s * 1e9
     elem = 4 if training.precision == "fp32" else 2
     s_rank = training.seq_len // plan.cp
@@ -185,9 +283,11 @@ def step_time(
     ep_layer = 4 * all_to_all_s(act_bytes * m.experts_per_token, plan.ep, links.ep) if m.is_moe and plan.ep > 1 else 0.0
 
     counts = layers_per_stage(m.num_layers, plan.pp)
-    logits_s = k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, peak, hbm, c, elem)
+    logits_s = (k_dense * _gemm_s(tokens_mb, m.hidden_size, m.vocab_size / plan.tp, rate, hbm, c, elem)
+                + LOSS_BYTES_PER_LOGIT * tokens_mb * m.vocab_size / plan.tp / hbm)
     stage_s = [n * (layer_s + tp_layer + cp_layer + ep_layer) + (logits_s if i == plan.pp - 1 else 0.0) for i, n in enumerate(counts)]
     slowest = max(stage_s)
+    slowest += _peft_s(m, training, plan, finetune, hbm, tokens_mb, elem)
     compute = m_micro * slowest
     # Pipeline bubble (pp-1)/(m v) of the ideal time (Narayanan et al. 2021, section 2.2).
     bubble = compute * (plan.pp - 1) / (m_micro * plan.interleave)
@@ -201,7 +301,7 @@ def step_time(
     # Data-parallel traffic and the optimizer step scale with what trains: all parameters for full
     # training, the adapters for PEFT (trainable/total), nothing but a scalar for MeZO.
     trained = 1.0 if method == "full" else 0.0 if method == "mezo" else trainable_params(m, finetune) / total_params(m)
-    dp_comm = trained * _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c)
+    dp_comm = _dp_comm_s(m, plan, training, links.dp, backward_s=compute_only * 2 / 3, c=c, trained=trained)
     optimizer = trained * _optimizer_s(m, plan, hbm, c)
     offload = trained * _offload_s(m, plan, cluster, c)
 
@@ -224,35 +324,66 @@ def step_time(
     )
 
 
-def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *, backward_s: float, c: SpeedConstants) -> float:  # type: ignore[no-untyped-def]
+def _dp_comm_s(m: ModelSpec, plan: ParallelPlan, training: TrainingSpec, link, *, backward_s: float,  # type: ignore[no-untyped-def]
+               c: SpeedConstants, trained: float = 1.0) -> float:
     """Exposed data-parallel communication per step. 16-bit gradients and parameters of the rank
     (Rajbhandari et al. 2020, section 7: ZeRO-1/2 move 2 Psi like an all-reduce, ZeRO-3 3 Psi).
-    Stage 0 all-reduces and stage 1 reduce-scatters once per step; stages 2 and 3 reduce every
-    micro-batch (DeepSpeed reduces in the backward hooks) and stage 3 all-gathers parameters for
-    every forward and backward (again for a full recompute)."""
+
+    Gradient accumulation: Megatron-LM's DDP accumulates into fp32 main_grad buffers and
+    reduce-scatters (distributed optimizer) or all-reduces once per step, after the last
+    micro-batch (megatron/core/distributed/distributed_data_parallel.py, no_sync for the others);
+    DeepSpeed stage 0/1 also reduce once per step, stage 2 reduces in the backward hooks of every
+    micro-batch. ZeRO-3 / FSDP gather every layer's parameters for each micro-batch's forward and
+    backward (again for a full recompute) and reduce-scatter its gradients every micro-batch
+    (FSDP reshard_after_forward; DeepSpeed stage3 fetch/release per submodule), one collective per
+    layer each. Gradient traffic scales with what trains (``trained``, the trainable fraction); a
+    frozen base is still gathered under ZeRO-3."""
     if plan.dp == 1:
         return 0.0
     sp = stage_params(m, tp=plan.tp, pp=plan.pp, ep=plan.ep, stage=0)
-    grad_bytes = sp.total * (4 if training.precision == "fp32" else 2)
+    param_bytes = sp.total * (4 if training.precision == "fp32" else 2)
+    grad_bytes = trained * param_bytes
     n, mm = plan.dp, plan.grad_accum
     z = plan.zero_stage
+    per_step_reduce = z <= 1 or (z == 2 and m.implementation == "megatron")
     if z == 0:
         comm, per_micro = all_reduce_s(grad_bytes, n, link), 0.0
-    elif z == 1:
+    elif per_step_reduce:
         comm, per_micro = reduce_scatter_s(grad_bytes, n, link) + all_gather_s(grad_bytes, n, link), 0.0
     elif z == 2:
         comm = all_gather_s(grad_bytes, n, link)
         per_micro = reduce_scatter_s(grad_bytes, n, link)
     else:
         gathers = 2 + (1 if plan.recompute == "full" else 0)
+        layers = layers_per_stage(m.num_layers, plan.pp)[0] if c.zero3_collective_latency_per_layer else 1
+        ring_latency = (n - 1) * link.latency_s * (layers - 1)  # the other layers' collectives
         comm = 0.0
-        per_micro = reduce_scatter_s(grad_bytes, n, link) + gathers * all_gather_s(grad_bytes, n, link)
+        per_micro = (reduce_scatter_s(grad_bytes, n, link) + (ring_latency if trained > 0 else 0.0)
+                     + gathers * (all_gather_s(param_bytes, n, link) + ring_latency))
     total = comm + mm * per_micro
-    # Bucketed reduction hides behind the backward of the last micro-batch (stage 0/1) or of every
-    # micro-batch (stage 2); stage 3 prefetches parameters behind the forward and backward too.
-    window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 else 1.0 / mm)
+    # Bucketed reduction hides behind the backward of the last micro-batch (once per step) or of
+    # every micro-batch (stage 2); ZeRO-3 prefetches parameters behind the forward and backward too.
+    window = backward_s * (1.5 if z == 3 else 1.0) * (1.0 if z >= 2 and not per_step_reduce else 1.0 / mm)
     hidden = c.dp_overlap * window
     return max(total - hidden, 0.05 * total)
+
+
+def _peft_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, ft: FinetuneSpec | None, hbm: float,
+            tokens_mb: int, elem: int) -> float:
+    """Per micro-batch, on the slowest stage: LoRA adapter traffic and QLoRA's dequantization."""
+    if ft is None or ft.method not in ("lora", "qlora"):
+        return 0.0
+    from planner.finetune.states import quantized_elements  # planner.finetune.states imports the memory model
+    from planner.structure.params import stage_layers
+
+    share = max(layers_per_stage(m.num_layers, plan.pp)) / m.num_layers / plan.tp
+    widths = trainable_params(m, ft) / ft.lora_rank  # sum of (k + n) over the adapted linears
+    t = LORA_ELEMENT_ACCESSES_PER_WIDTH * elem * tokens_mb * widths * share / hbm
+    if ft.method == "qlora":
+        uses = 2 + (1 if plan.recompute == "full" else 0)
+        weights = sum(quantized_elements(m, i) for i in stage_layers(m.num_layers, plan.pp, 0)) / plan.tp
+        t += uses * QLORA_DEQUANT_BYTES_PER_WEIGHT * weights / hbm
+    return t
 
 
 def _optimizer_s(m: ModelSpec, plan: ParallelPlan, hbm: float, c: SpeedConstants) -> float:

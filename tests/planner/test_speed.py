@@ -44,14 +44,17 @@ def test_bubble_and_mfu():
     assert st.tokens_per_s == pytest.approx(1536 * 2048 / st.step_time_s)
 
 
-def test_zero3_across_nodes_is_communication_bound():
-    """Eight times the GPUs over InfiniBand: faster, but ZeRO-3's per-micro-batch gathers cost."""
+def test_zero3_gathers_once_per_micro_batch():
+    """Eight times the GPUs over InfiniBand: faster, but not 8x. ZeRO-3 gathers the parameters for
+    every micro-batch, so the 8-GPU run's 32 micro-batches move more than the 64-GPU run's 4; a
+    DGX H100 node's eight 400 Gb/s NICs give the inter-node ring about NVLink's bus bandwidth
+    (planner.speed.comm), so crossing nodes is not what costs."""
     m = preset("llama2-7b")
     training = TrainingSpec(seq_len=4096, global_batch=256)
     t8 = step_time(m, dgx_cluster(gpu_by_name("h100-80gb"), 8), training, ParallelPlan(dp=8, zero_stage=3, micro_batch=1, grad_accum=32))
     t64 = step_time(m, dgx_cluster(gpu_by_name("h100-80gb"), 64), training, ParallelPlan(dp=64, zero_stage=3, micro_batch=1, grad_accum=4))
     assert 2 * t8.tokens_per_s < t64.tokens_per_s < 8 * t8.tokens_per_s
-    assert t64.dp_comm_s > t8.dp_comm_s
+    assert t8.dp_comm_s > t64.dp_comm_s
 
 
 def test_cost():
