@@ -237,10 +237,25 @@ def test_finetune_peak_within_2_percent(name: str, saved_model) -> None:  # type
 
 
 @pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="known gap: under ZeRO-1/2 the planner allocates the reduce bucket when the "
+                   "backward enters the last layer; DeepSpeed does at the first trainable gradient (likely after the frozen "
+                   "MLP's backward; here planned +21.5%, on the safe side; the 64-wide model above: -0.1%)")
+def test_finetune_peak_when_the_bucket_outweighs_the_activations(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    from planner.finetune.methods import FinetuneSpec
+    from tests.launch.saved_model import saved_llama
+
+    model_dir = saved_llama(tmp_path_factory.mktemp("wide") / "llama", layers=2, hidden=128)
+    model, cluster = load_model(str(model_dir)), resolve_cluster(None, "cpu", 2, None)
+    p = profile_plan(model, cluster, TrainingSpec(seq_len=64), Pinned(zero_stage=2, micro_batch=2), steps=2,
+                     finetune=FinetuneSpec(method="lora"), model_source=str(model_dir))
+    assert abs(error_pct(p.plan.memory.peak_allocated, p.measured["allocated_peak"])) <= 2.0, p.as_json()
+
+
+@pytest.mark.e2e
 def test_profile_takes_the_fine_tuning_flags(saved_model) -> None:  # type: ignore[no-untyped-def]
     """`orch profile --method qlora` runs (the same flags as plan and launch) and prints JSON."""
     proc = subprocess.run([*ORCH, "profile", "--model", str(saved_model), "--gpu", "cpu", "--gpus", "2", "--seq-len", "64",
-                           "--micro-batch", "2", "--method", "qlora", "--json"], capture_output=True, text=True, timeout=600)
+                           "--micro-batch", "2", "--zero", "0", "--method", "qlora", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     predicted, measured = out["allocated_peak"]["predicted"], out["allocated_peak"]["measured"]
