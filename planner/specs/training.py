@@ -25,6 +25,14 @@ class TrainingSpec(BaseModel):
     precision: Precision = Field(default="bf16", description="Training precision (mixed with fp32 master weights).")
     optimizer: Optimizer = Field(default="adamw", description="Optimizer, which sets the state bytes per parameter.")
     attention: Attention = Field(default="flash", description="flash: fused kernel (no s x s scores kept); eager: scores kept.")
+    fused_ops: bool = Field(
+        default=False,
+        description="The layers' non-matmul ops (norms, activations, rotary, residual adds) run fused, a few "
+        "kernels per layer instead of one per op: under torch.compile (TorchInductor generates the fused "
+        "kernels) or with hand-fused kernels (flash-attn's fused layernorm / rotary / SwiGLU). Megatron's "
+        "kernels are always fused. orch's own DeepSpeed launch runs transformers' modules eagerly (False); "
+        "set it to plan a published run that states it.",
+    )
 
 
 class ParallelPlan(BaseModel):

@@ -31,7 +31,7 @@ class SpeedConstants(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gemm_efficiency: float = Field(
-        default=0.93, gt=0, le=1,
+        default=0.94, gt=0, le=1,
         description="Sustained bf16/fp16 GEMM fraction of the GPU's maximum achievable matmul rate "
         "(GPUSpec.matmul_achievable_fraction x peak) inside a training step: non-ideal shapes, wave "
         "tails and clocks under sustained power bring it below the best-shape benchmark. Fitted by "
@@ -39,7 +39,7 @@ class SpeedConstants(BaseModel):
         "default is the fit on all of them; the LOSO figures refit it without each source).",
     )
     fp8_gemm_efficiency: float = Field(
-        default=0.85, gt=0, le=1,
+        default=0.87, gt=0, le=1,
         description="FP8 GEMM fraction of the FP8 maximum achievable rate (Transformer Engine / torchao Float8 "
         "linears): per-tensor scaling, amax reductions and the casts around every GEMM keep FP8 "
         "steps ~1.3-1.5x faster than BF16, not 2x (NeMo and DGX Cloud tables list both). Fitted "
@@ -52,7 +52,7 @@ class SpeedConstants(BaseModel):
         "reaches 50-73% forward, less backward, Dao 2023); causal masking skips about half the tiles, "
         "which this fraction absorbs. The core runs in bf16 also in FP8 training (Transformer "
         "Engine's default fp8_dpa=False). Fitted (0.425): the non-Megatron sources include "
-        "llm-foundry's MPT runs, whose default attn_impl is its Triton FlashAttention kernel (Dao "
+        "llm-foundry's MPT runs, whose model yamls default attn_impl to its Triton FlashAttention kernel (Dao "
         "2023: FlashAttention-2 is 1.3-2.5x faster than it), so this is lower than FA2 alone.",
     )
     megatron_attention_efficiency: float = Field(
@@ -65,19 +65,14 @@ class SpeedConstants(BaseModel):
         default=4e-6, ge=0, description="Fixed cost of one kernel launch or tiny op, seconds."
     )
     elementwise_bytes_per_token_per_hidden: float = Field(
-        default=110.0, ge=0,
+        default=120.0, ge=0,
         description="Memory traffic of the non-matmul ops of one layer's forward per token, in units of "
-        "h bytes, for Megatron's fused kernels (fused layernorm, bias-GeLU/SwiGLU, bias-dropout-add, "
+        "h bytes, with fused kernels (Megatron's; torch.compile's; hand-fused) (fused layernorm, bias-GeLU/SwiGLU, bias-dropout-add, "
         "fused softmax/rotary: ~20 reads+writes of 16-bit tensors of width h, counted from the layer's "
         "op list, ~40) plus what else the layer streams that the roofline GEMMs do not (GEMM tails, "
-        "gradient-buffer accumulation into fp32 main_grad); fitted with gemm_efficiency (110).",
-    )
-    unfused_elementwise_bytes_per_token_per_hidden: float = Field(
-        default=180.0, ge=0,
-        description="The same for plain PyTorch modules (Hugging Face transformers, torchtitan, composer "
-        "without compile): every norm, activation, residual add and rotary is its own kernel that "
-        "reads and writes full tensors in fp32 upcasts (LlamaRMSNorm computes in fp32), about 2.5x "
-        "the fused traffic; fitted by bench/speed_validation.py on the non-Megatron sources (180).",
+        "gradient-buffer accumulation into fp32 main_grad); fitted with gemm_efficiency (120). Plain "
+        "PyTorch modules stream this plus what their unfused norms, rotary and activation add "
+        "(unfused_extra_bytes, counted from the modules, not fitted).",
     )
     zero3_collective_latency_per_layer: bool = Field(
         default=True,
@@ -86,10 +81,10 @@ class SpeedConstants(BaseModel):
         "once per layer and pass.",
     )
     dp_overlap: float = Field(
-        default=0.80, ge=0, le=1,
+        default=0.75, ge=0, le=1,
         description="Fraction of the compute behind which bucketed gradient reduction and ZeRO-3 "
         "prefetch hide (DeepSpeed overlap_comm, FSDP forward/backward prefetch); fitted by "
-        "bench/speed_validation.py (0.80).",
+        "bench/speed_validation.py (0.75).",
     )
     cpu_adam_params_per_s: float = Field(
         default=1.0e9, gt=0,
@@ -204,11 +199,45 @@ def attention_rate(cluster: ClusterSpec, precision: str, c: SpeedConstants, impl
     return cluster.gpu.peak_tflops(core) * 1e12 * cluster.gpu.matmul_achievable_fraction * eff  # type: ignore[arg-type]
 
 
-def elementwise_bytes(m: ModelSpec, c: SpeedConstants) -> float:
-    """Per-token, per-h traffic of a layer's non-matmul ops for the model's implementation."""
-    if m.implementation == "megatron":
-        return c.elementwise_bytes_per_token_per_hidden
-    return c.unfused_elementwise_bytes_per_token_per_hidden
+# Plain PyTorch modules run every non-matmul op as its own kernel, reading and writing full tensors
+# (in fp32 where the module upcasts); fused kernels (Megatron's, TorchInductor's, flash-attn's) read
+# the input once and write the output once. What the unfused kernels stream beyond the fused ones is
+# counted here from the modules, in bytes read + written per element of the tensor they act on
+# (forward, 16-bit activations); everything else a layer streams (residual adds, GEMM tails,
+# gradient accumulation) is SpeedConstants.elementwise_bytes_per_token_per_hidden for both.
+# - RMSNorm as transformers' LlamaRMSNorm (and torchtitan's RMSNorm) computes it: x.float() (2 + 4),
+#   pow (4 + 4), mean (4), x * rsqrt (4 + 4), cast back (4 + 2), weight * x (2 + 2) = 36, against
+#   a fused norm's 2 + 2: 32 more.
+# - LayerNorm under autocast (layer_norm is on autocast's fp32 list): input cast (2 + 4), the native
+#   kernel (4 + 4), the next linear's cast of its fp32 output (4 + 2) = 20, against 4: 16 more.
+UNFUSED_NORM_EXTRA_BYTES_PER_ELEMENT = {"rmsnorm": 32, "layernorm": 16}
+# Rotary as transformers' apply_rotary_pos_emb, per element of q and of k: q * cos (2 + 2),
+# rotate_half's neg of one half (1 + 1) and cat (2 + 2), * sin (2 + 2), the add (4 + 2) = 20,
+# against a fused rotary's 2 + 2: 16 more.
+UNFUSED_ROTARY_EXTRA_BYTES_PER_ELEMENT = 16
+# MLP activation per element of f: SwiGLU act_fn(gate) * up as two kernels (LlamaMLP: silu 2 + 2,
+# mul 4 + 2 = 10) against a fused SwiGLU's 4 + 2: 4 more; a two-matrix MLP's GELU is one kernel
+# either way (nn.GELU; Megatron fuses only the bias into it): 0.
+UNFUSED_ACTIVATION_EXTRA_BYTES_PER_ELEMENT = {True: 4, False: 0}
+
+
+def unfused_extra_bytes(m: ModelSpec, tp: int, sp: bool) -> float:
+    """Forward bytes per token that one layer's unfused non-matmul ops (two norms, rotary on q and
+    k, the MLP activation) stream beyond fused kernels, on one tensor-parallel rank: q, k and f are
+    split over tp; the norms are too only with sequence parallelism."""
+    routed = m.experts_per_token if m.is_moe else 1
+    norms = 2 * UNFUSED_NORM_EXTRA_BYTES_PER_ELEMENT[m.norm] * m.hidden_size / (tp if sp else 1)
+    rotary = UNFUSED_ROTARY_EXTRA_BYTES_PER_ELEMENT * (m.q_width + m.kv_width) / tp if m.positions == "rope" else 0.0
+    act = UNFUSED_ACTIVATION_EXTRA_BYTES_PER_ELEMENT[m.gated_mlp] * m.ffn_hidden_size * routed / tp
+    return norms + rotary + act
+
+
+def runs_unfused(m: ModelSpec, training: TrainingSpec) -> bool:
+    """Plain PyTorch modules run eagerly, one kernel per op, unless the run fuses them
+    (``training.fused_ops``: torch.compile, whose TorchInductor fuses pointwise and reduction chains
+    into generated Triton kernels, Ansel et al. 2024 "PyTorch 2", ASPLOS; or hand-fused norm /
+    rotary / SwiGLU kernels); Megatron's are always fused."""
+    return m.implementation != "megatron" and not training.fused_ops
 
 
 def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cluster: ClusterSpec, c: SpeedConstants) -> tuple[float, float]:
@@ -232,7 +261,9 @@ def layer_forward_s(m: ModelSpec, training: TrainingSpec, plan: ParallelPlan, cl
         ) + _gemm_s(tokens, h, m.num_experts, peak, hbm, c, elem)
     else:
         mlp = matrices_in * _gemm_s(tokens, h, f / t, peak, hbm, c, elem, f8) + _gemm_s(tokens, f / t, h, peak, hbm, c, elem, f8)
-    elementwise = elementwise_bytes(m, c) * tokens * h / (t if plan.sp else 1) / hbm
+    elementwise = c.elementwise_bytes_per_token_per_hidden * tokens * h / (t if plan.sp else 1) / hbm
+    if runs_unfused(m, training):
+        elementwise += unfused_extra_bytes(m, t, plan.sp) * tokens / hbm
     # Attention core: 4 s_q s_kv q FLOPs per sequence (QK^T and PV); with cp each rank's queries meet
     # the whole sequence's keys.
     core_flops = 4 * plan.micro_batch * s * training.seq_len * q / t

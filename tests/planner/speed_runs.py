@@ -39,6 +39,7 @@ ASSUMED = {
     "implementation": "megatron for Megatron-LM, NeMo, Megatron-Bridge and Meta's 4D stack; huggingface "
     "(plain PyTorch modules, unfused norms and activations) for composer, torchtitan, fms-fsdp, "
     "lit-gpt, kempnerforge and NeMo AutoModel",
+    "fused_ops": "off (one kernel per op, eager PyTorch) where the source does not say its norms, activations and rotary ran fused (torch.compile or hand-fused kernels)",
     "lora": "rank 8 on peft's default targets (no source prints the rank)",
 }
 
@@ -149,6 +150,7 @@ def _run(raw: dict) -> SpeedRun:
     if sp is None:
         sp = megatron and p["tp"] > 1
     training = TrainingSpec(seq_len=t["seq_len"], global_batch=global_batch, precision=precision,
+                            fused_ops=bool(t.get("fused_ops")),
                             attention="eager" if raw["source_id"] in ("narayanan2021", "korthikanti2022") else "flash")
     plan = ParallelPlan.model_construct(
         dp=dp, tp=p["tp"], pp=p["pp"], cp=p["cp"] or 1, ep=p["ep"] or 1, sp=bool(sp) and p["tp"] > 1,
@@ -181,7 +183,6 @@ FITTED = {
     "attention_efficiency": [0.40 + 0.025 * i for i in range(25)],
     "megatron_attention_efficiency": [0.40 + 0.025 * i for i in range(25)],
     "elementwise_bytes_per_token_per_hidden": [10.0 * i for i in range(0, 21)],
-    "unfused_elementwise_bytes_per_token_per_hidden": [20.0 * i for i in range(0, 21)],
     "dp_overlap": [0.5 + 0.05 * i for i in range(11)],
 }
 
@@ -209,7 +210,7 @@ def _objective(runs: list[SpeedRun], c) -> float:  # type: ignore[no-untyped-def
 # constants, gemm_efficiency re-expressed as a fraction of the achievable matmul rate (0.64 / 0.83).
 START = {"gemm_efficiency": 0.77, "fp8_gemm_efficiency": 0.60, "attention_efficiency": 0.65,
          "megatron_attention_efficiency": 0.65, "elementwise_bytes_per_token_per_hidden": 40.0,
-         "unfused_elementwise_bytes_per_token_per_hidden": 100.0, "dp_overlap": 0.85}
+         "dp_overlap": 0.85}
 
 
 def fit_constants(runs: list[SpeedRun], sweeps: int = 6):  # type: ignore[no-untyped-def]
