@@ -213,8 +213,7 @@ def test_a_profile_is_a_calibration_record(profiles: dict[int, Profile]) -> None
 # -0.5%; (IA)^3 ZeRO-2 -0.1%; prefix ZeRO-2 -0.1%. Before the ZeRO fp32 partition of the adapters
 # and the backward-only reduce bucket were modelled (planner.finetune.states), LoRA ZeRO-2 was +18.7%.
 # Known gap: LoRA under ZeRO-3 is planned 8% low (the gathered frozen base's working set).
-FINETUNE = {"lora-z0": ("lora", 0), "lora-z2": ("lora", 2), "qlora-z0": ("qlora", 0), "qlora-z2": ("qlora", 2),
-            "ia3-z2": ("ia3", 2)}
+FINETUNE = {"lora-z0": ("lora", 0), "lora-z2": ("lora", 2), "qlora-z2": ("qlora", 2)}
 
 
 @pytest.fixture(scope="module")
