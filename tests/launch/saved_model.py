@@ -37,7 +37,7 @@ def tokenizer(vocab_size: int = 384):  # type: ignore[no-untyped-def]
     tok.decoder = decoders.ByteLevel()
     corpus = [q + " " + a for q, a in FACTS] * 20 + ["Answer briefly. system user assistant"]
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -60,8 +60,13 @@ def saved_llama(directory: Path, layers: int = 2, hidden: int = 64, seed: int = 
 
 
 if __name__ == "__main__":  # `python -m tests.launch.saved_model DIR`: the fine-tuning demo's model and data
+    import os
     import sys
 
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # transformers imports deepspeed, which would warn it found no GPU
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     saved_llama(out / "llama", layers=2, hidden=128)
