@@ -84,14 +84,6 @@ def read_records(path: Path) -> tuple[str, list[Any]]:
     return kind, rows
 
 
-def read_texts(path: Path) -> list[str]:
-    """The documents of a .txt file (one) or a .jsonl file of text records."""
-    kind, rows = read_records(path)
-    if kind != "text":
-        raise PlanInputError(f"--dataset {path}: {kind} records, not text", "pass a file of {\"text\": ...} records")
-    return rows
-
-
 def has_chat_template(directory: Path) -> bool:
     """The tokenizer directory carries a chat template (tokenizer_config.json or chat_template.jinja)."""
     if (directory / "chat_template.jinja").exists() or (directory / "chat_template.json").exists():
@@ -131,18 +123,23 @@ def check(dataset: Path, tokenizer: Path | None, vocab_size: int, seq_len: int) 
                              "pass a directory holding tokenizer.json or tokenizer_config.json")
 
 
-def load_tokens(dataset: str, tokenizer: str | None):  # type: ignore[no-untyped-def]
-    """The whole dataset as one 1-D tensor of token ids, documents separated by the tokenizer's
-    end-of-sequence token (bytes: by a newline)."""
-    import torch
-
-    texts = read_texts(Path(dataset))
+def load_tokenizer(tokenizer: str | None):  # type: ignore[no-untyped-def]
+    """The local Hugging Face tokenizer, or None (UTF-8 bytes)."""
     if tokenizer is None:
-        data = b"\n".join(t.encode("utf-8") for t in texts)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        return None
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+
+
+def load_tokens(texts: list[str], tok):  # type: ignore[no-untyped-def]
+    """Text documents as one 1-D tensor of token ids, separated by the tokenizer's end-of-sequence
+    token (bytes: by a newline)."""
+    import torch
+
+    if tok is None:
+        data = b"\n".join(t.encode("utf-8") for t in texts)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     ids: list[int] = []
     for text in texts:
         ids.extend(tok(text, add_special_tokens=False)["input_ids"])
@@ -221,14 +218,8 @@ def to_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_
     return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
-def load_sequences(dataset: str, tokenizer: str | None, seq_len: int, pack: bool):  # type: ignore[no-untyped-def]
-    """The instruction dataset as padded or packed (input_ids, labels)."""
-    kind, rows = read_records(Path(dataset))
-    tok = None
-    if tokenizer is not None:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+def load_sequences(kind: str, rows: list[Any], tok, seq_len: int, pack: bool):  # type: ignore[no-untyped-def]
+    """Instruction records as padded or packed (input_ids, labels)."""
     pad = 0 if tok is None else (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0)
     return to_sequences(instruction_examples(rows, kind, tok), seq_len, pad, pack)
 
@@ -241,8 +232,3 @@ def sequence_batch(sequences, step: int, rank: int, micro_batch: int, seed: int 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
     pick = torch.randint(0, ids.shape[0], (micro_batch,), generator=gen)
     return ids[pick], labels[pick]
-
-
-def record_kind(dataset: str | None) -> str | None:
-    """The kind of a dataset file's records (None: synthetic tokens)."""
-    return None if dataset is None else read_records(Path(dataset))[0]

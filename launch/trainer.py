@@ -32,10 +32,12 @@ def batch_source(job: JobSpec):  # type: ignore[no-untyped-def]
     if job.dataset is None:
         vocab = int(job.hf_config["vocab_size"])
         return _same_labels(lambda i, r, mb: synthetic.batch(i, r, mb, job.seq_len, vocab, seed=job.seed))
-    if data.record_kind(job.dataset) == "text":
-        tokens = data.load_tokens(job.dataset, job.tokenizer)
+    kind, rows = data.read_records(Path(job.dataset))
+    tok = data.load_tokenizer(job.tokenizer)
+    if kind == "text":
+        tokens = data.load_tokens(rows, tok)
         return _same_labels(lambda i, r, mb: data.window_batch(tokens, i, r, mb, job.seq_len, seed=job.seed))
-    sequences = data.load_sequences(job.dataset, job.tokenizer, job.seq_len, job.pack)
+    sequences = data.load_sequences(kind, rows, tok, job.seq_len, job.pack)
     return lambda i, r, mb: data.sequence_batch(sequences, i, r, mb, seed=job.seed)
 
 

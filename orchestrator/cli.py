@@ -100,16 +100,17 @@ def _runs_what_it_plans(job: F.JobFlags, command: str) -> None:
 
 def _require_libraries(job: F.JobFlags) -> None:
     """The fine-tuning libraries a method runs with are installed (checked before any worker starts)."""
-    need = {"qlora": ("peft", "bitsandbytes")}.get(job.method.value, ("peft",) if job.method.value in PEFT_LIBRARY_METHODS else ())
+    from launch.models import PEFT_METHODS
+
+    need = ("peft",) if job.method.value in PEFT_METHODS else ()
+    if job.method is F.MethodChoice.qlora:
+        need = (*need, "bitsandbytes")
     if job.optimizer is F.OptimizerChoice.adamw_8bit or job.paged_optimizer:
         need = (*need, "bitsandbytes")
     for lib in need:
         if find_spec(lib) is None:
             raise PlanInputError(f"--method {job.method.value}: {lib} is not installed",
                                  f"pip install {lib} (it is one of orch's dependencies: reinstall orch)")
-
-
-PEFT_LIBRARY_METHODS = ("lora", "prefix", "prompt", "ia3")
 
 
 def _job_inputs(job: F.JobFlags, command: str):  # type: ignore[no-untyped-def]

@@ -193,11 +193,6 @@ class JobFlags:
     num_virtual_tokens: VirtualTokensOpt = 20
     ia3_targets: Ia3TargetsOpt = None
 
-    def given(self) -> dict[str, Any]:
-        """Flags whose value differs from the default (what a command may have to refuse)."""
-        defaults = JobFlags()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
-
 
 def job_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A typer command taking every JobFlags flag besides its own parameters; ``fn`` receives them
@@ -205,8 +200,8 @@ def job_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     annotations, so both are extended here (the wrapped function's own come after)."""
     own = inspect.signature(fn)
     names = [f.name for f in fields(JobFlags)]
-    hints = {f.name: f.type for f in fields(JobFlags)}
-    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=_resolve(hints[f.name]))
+    hints = typing.get_type_hints(JobFlags, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
               for f in fields(JobFlags)]
     own_hints = typing.get_type_hints(fn, include_extras=True)
     rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints.get(p.name, p.annotation))
@@ -220,8 +215,3 @@ def job_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__signature__ = own.replace(parameters=[*shared, *rest])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}  # type: ignore[attr-defined]
     return wrapper
-
-
-def _resolve(annotation: Any) -> Any:
-    """A string annotation (this module is ``from __future__ import annotations``) as the object."""
-    return eval(annotation, globals()) if isinstance(annotation, str) else annotation  # noqa: S307 - our own names
